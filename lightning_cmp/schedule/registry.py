@@ -1,0 +1,54 @@
+"""The schedules by name: what ``strategy=CMPStrategy(schedule=...)`` looks up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from lightning_cmp.errors import unknown_name
+from lightning_cmp.schedule.cmp import cmp
+from lightning_cmp.schedule.mp import mp
+from lightning_cmp.schedule.placement import Placement
+from lightning_cmp.schedule.timetable import Schedule
+
+__all__ = ["SCHEDULES", "ScheduleSpec", "get_schedule"]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A named schedule: the timetable function, how many replicas it trains, and what it is."""
+
+    name: str
+    build: Schedule
+    num_replicas: int
+    description: str
+
+    def placement(self, num_stages: int) -> Placement:
+        """The placement this schedule runs on with ``num_stages`` ranks."""
+        return Placement(num_stages, self.num_replicas)
+
+
+#: Adding a schedule is one entry here.
+SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            ScheduleSpec("mp", mp, 1, "plain model parallelism: one replica, one rank busy at a time"),
+            ScheduleSpec("cmp", cmp, 2, "cross model parallelism: two replicas, the second placed in reverse"),
+        )
+    }
+)
+
+
+def get_schedule(name: str) -> ScheduleSpec:
+    """The spec registered as ``name``; a miss raises ``CMPConfigError`` listing the valid names.
+
+    Example:
+        >>> spec = get_schedule("cmp")
+        >>> spec.num_replicas, len(spec.build(4, 1, spec.placement(4))[0])
+        (2, 8)
+    """
+    if name not in SCHEDULES:
+        raise unknown_name("schedule", name, SCHEDULES)
+    return SCHEDULES[name]
