@@ -1,0 +1,123 @@
+"""Runs one rank's lowered action stream: a dispatch table from action kind to handler."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from lightning_cmp.errors import ScheduleError
+from lightning_cmp.runtime.averaging import Averager
+from lightning_cmp.runtime.comm import Comm, message_tag
+from lightning_cmp.runtime.stage import StageActivations, StageCopy
+from lightning_cmp.schedule import Action, Kind, Placement, render_program
+
+__all__ = ["Executor", "Step"]
+
+_ACT_MSG, _GRAD_MSG = 0, 1
+
+Key = tuple[int, int, int, int]  # (message, replica, stage, microbatch)
+
+
+@dataclass
+class Step:
+    """Everything one forward/backward pass of the pipeline keeps between actions.
+
+    ``inputs``, ``outputs`` and ``output_grads`` are keyed by (replica, microbatch); tensors in flight by
+    (message, replica, stage, microbatch) of the stage that produced them.
+    """
+
+    training: bool
+    inputs: dict[tuple[int, int], Tensor]
+    acts: dict[tuple[int, int], StageActivations] = field(default_factory=dict)
+    arrived: dict[Key, Tensor] = field(default_factory=dict)
+    produced: dict[Key, Tensor] = field(default_factory=dict)
+    outputs: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    output_grads: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+
+
+class Executor:
+    """Executes actions for one rank over its stage copies; every kind has exactly one handler.
+
+    Example:
+        >>> executor = Executor(placement, comm, copies, averager)  # doctest: +SKIP
+        >>> executor.run(program_forward_part, step)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, placement: Placement, comm: Comm, copies: dict[tuple[int, int], StageCopy], averager: Averager
+    ) -> None:
+        self.placement = placement
+        self.comm = comm
+        self.copies = copies
+        self.averager = averager
+        self.last_stage = placement.num_stages - 1
+        self.timings: list[tuple[str, float, float]] | None = None  # (action, start, end) when recording
+        self._handlers: dict[Kind, Callable[[Action, Step], None]] = {
+            Kind.FORWARD: self._forward,
+            Kind.BACKWARD: self._backward,
+            Kind.SEND_ACT: self._send,
+            Kind.RECV_ACT: self._recv,
+            Kind.SEND_GRAD: self._send,
+            Kind.RECV_GRAD: self._recv,
+            Kind.OUTPUT: self._output,
+            Kind.AVERAGE: self._average,
+            Kind.WAIT_AVERAGE: self._wait_average,
+        }
+
+    def run(self, actions: Sequence[Action], step: Step) -> None:
+        """Run ``actions`` in order, then wait for this rank's outstanding sends."""
+        for index, action in enumerate(actions):
+            start = time.perf_counter()
+            try:
+                self._handlers[action.kind](action, step)
+            except KeyError as err:
+                grid = render_program({self.comm.me: list(actions)}, mark=(self.comm.me, index))
+                raise ScheduleError(f"rank {self.comm.me} has no input for {action} (missing {err}):\n{grid}") from err
+            if self.timings is not None:
+                self.timings.append((str(action), start, time.perf_counter()))
+        self.comm.wait_sends()
+
+    # Tensors in flight are keyed (message, replica, stage, microbatch) by the stage that produced them,
+    # the same key the lowered SEND/RECV actions carry.
+    def _forward(self, a: Action, step: Step) -> None:
+        if a.stage == 0:
+            x = step.inputs[(a.replica, a.microbatch)]
+        else:
+            x = step.arrived.pop((_ACT_MSG, a.replica, a.stage - 1, a.microbatch))
+        acts = step.acts.setdefault((a.replica, a.stage), StageActivations())
+        out = self.copies[(a.replica, a.stage)].forward(acts, a.microbatch, x, step.training)
+        step.produced[(_ACT_MSG, a.replica, a.stage, a.microbatch)] = out
+
+    def _backward(self, a: Action, step: Step) -> None:
+        if a.stage == self.last_stage:
+            grad = step.output_grads[(a.replica, a.microbatch)]
+        else:
+            grad = step.arrived.pop((_GRAD_MSG, a.replica, a.stage + 1, a.microbatch))
+        grad_in = self.copies[(a.replica, a.stage)].backward(step.acts[(a.replica, a.stage)], a.microbatch, grad)
+        if grad_in is not None:
+            step.produced[(_GRAD_MSG, a.replica, a.stage, a.microbatch)] = grad_in
+
+    def _send(self, a: Action, step: Step) -> None:
+        key = (_ACT_MSG if a.kind is Kind.SEND_ACT else _GRAD_MSG, a.replica, a.stage, a.microbatch)
+        assert a.peer is not None
+        self.comm.send(step.produced.pop(key), a.peer, message_tag(*key))
+
+    def _recv(self, a: Action, step: Step) -> None:
+        key = (_ACT_MSG if a.kind is Kind.RECV_ACT else _GRAD_MSG, a.replica, a.stage, a.microbatch)
+        assert a.peer is not None
+        step.arrived[key] = self.comm.recv(a.peer, message_tag(*key))
+
+    def _output(self, a: Action, step: Step) -> None:
+        src = self.placement.rank(a.replica, self.last_stage)
+        mine = step.produced.pop((_ACT_MSG, a.replica, self.last_stage, a.microbatch)) if src == self.comm.me else None
+        step.outputs[(a.replica, a.microbatch)] = self.comm.broadcast(mine, src)
+
+    def _average(self, a: Action, step: Step) -> None:
+        assert a.peer is not None
+        self.averager.start_gradients(a.replica, a.stage, a.peer)
+
+    def _wait_average(self, a: Action, step: Step) -> None:
+        self.averager.wait()

@@ -1,0 +1,283 @@
+"""One rank's view of a split model: its stage copies, the lowered programs and a differentiable forward."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_cmp.errors import CMPConfigError
+from lightning_cmp.partition import Chain
+from lightning_cmp.runtime.averaging import Averager
+from lightning_cmp.runtime.comm import Comm
+from lightning_cmp.runtime.executor import Executor, Step
+from lightning_cmp.runtime.stage import StageCopy
+from lightning_cmp.schedule import Placement, get_schedule, lower, lower_forward_only, split_phases
+
+__all__ = ["Pipeline"]
+
+AVERAGING = ("gradient", "parameter")
+
+
+class Pipeline:
+    """Stages of ``chain`` cut at ``cuts``, run by ``schedule`` over the ranks of ``comm``.
+
+    Calling the pipeline runs the forward phase on every rank and returns the whole batch's output on
+    every rank, so the caller's loss, metrics and logging are computed exactly as on one device. Its
+    backward (``loss.backward()``) runs the backward phase, including the averaging of stage copies.
+    Non-local parameters of the traced module are released (``.data`` becomes empty) until
+    :meth:`full_state_dict` gathers them back.
+
+    Example:
+        >>> pipe = Pipeline(trace_chain(net), cuts=[3], schedule="cmp", comm=comm)  # doctest: +SKIP
+        >>> loss = F.cross_entropy(pipe(x), y); loss.backward(); optimizer.step()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        chain: Chain,
+        cuts: list[int],
+        schedule: str,
+        comm: Comm,
+        averaging: str = "gradient",
+        num_microbatches: int = 1,
+    ) -> None:
+        if averaging not in AVERAGING:
+            raise CMPConfigError(f"averaging={averaging!r}; valid: {', '.join(map(repr, AVERAGING))}")
+        spec = get_schedule(schedule)
+        chain.check_cuts_share_nothing(cuts)
+        self.chain = chain
+        self.cuts = list(cuts)
+        self.comm = comm
+        self.averaging = averaging
+        self.num_microbatches = num_microbatches
+        self.placement = Placement(len(cuts) + 1, spec.num_replicas)
+        timetable = spec.build(self.placement.num_stages, num_microbatches, self.placement)
+        self._averages_gradients = averaging == "gradient" and spec.num_replicas == 2
+        program = lower(timetable, self.placement, num_microbatches, self._averages_gradients)[comm.me]
+        self.forward_actions, self.backward_actions = split_phases(program)
+        self.eval_actions = lower_forward_only(timetable, self.placement, num_microbatches)[comm.me]
+        self.copies = self._build_copies()
+        self.executor = Executor(self.placement, comm, self.copies, Averager(comm, self.copies))
+        self._release_non_local()
+
+    @property
+    def num_replicas(self) -> int:
+        return self.placement.num_replicas
+
+    def stage_bounds(self) -> list[int]:
+        return [0, *self.cuts, self.chain.num_blocks]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"the split module received a {type(x).__name__}; lightning_cmp pipelines take one tensor. "
+                "Pass module='<submodule>' to split a submodule that is called with a tensor."
+            )
+        if x.requires_grad and torch.is_grad_enabled():
+            raise CMPConfigError(
+                "the split module's input requires grad (trainable layers run before it); split the whole "
+                "model instead (module=None) or move those layers inside the split module"
+            )
+        if not torch.is_grad_enabled():
+            step = self._new_step(x, training=False)
+            self.executor.run(self.eval_actions, step)
+            return self._assemble(step)
+        anchor = torch.empty(0, requires_grad=True)
+        out: Tensor = _PipelineFunction.apply(self, anchor, x)
+        return out
+
+    # -- phases -----------------------------------------------------------------------------------------
+    def _new_step(self, x: Tensor, training: bool) -> Step:
+        inputs = {}
+        for replica, half in enumerate(x.tensor_split(self.num_replicas)):
+            for mb, part in enumerate(half.tensor_split(self.num_microbatches)):
+                inputs[(replica, mb)] = part
+        return Step(training=training, inputs=inputs)
+
+    def _assemble(self, step: Step) -> Tensor:
+        keys = sorted(step.outputs)
+        return torch.cat([step.outputs[k] for k in keys])
+
+    def run_forward(self, x: Tensor) -> tuple[Tensor, Step]:
+        step = self._new_step(x, training=True)
+        self.executor.run(self.forward_actions, step)
+        return self._assemble(step), step
+
+    def run_backward(self, step: Step, grad: Tensor) -> None:
+        total = grad.shape[0]
+        offset = 0
+        for key in sorted(step.outputs):
+            rows = step.outputs[key].shape[0]
+            part = grad[offset : offset + rows]
+            offset += rows
+            if self.averaging == "parameter" and self.num_replicas == 2 and rows:
+                # Each replica trains as if on its own half batch (mean-reduced loss): scale by N / n_replica.
+                replica_rows = sum(step.outputs[k].shape[0] for k in step.outputs if k[0] == key[0])
+                part = part * (total / replica_rows)
+            step.output_grads[key] = part
+        # Average only this backward's gradients; earlier ones (accumulation, a second forward) are added
+        # back afterwards, or they would be counted twice.
+        fresh = _FreshGradients(self.local_parameters()) if self._averages_gradients else nullcontext()
+        with fresh:
+            self.executor.run(self.backward_actions, step)
+
+    # -- stage copies -----------------------------------------------------------------------------------
+    def _build_copies(self) -> dict[tuple[int, int], StageCopy]:
+        bounds = self.stage_bounds()
+        copies: dict[tuple[int, int], StageCopy] = {}
+        originals: dict[int, nn.Module] = {}
+        for replica, stage in self.placement.stages_on(self.comm.me):
+            module = self.chain.stage_module(bounds[stage], bounds[stage + 1])
+            if stage in originals:  # both copies of a stage here: the second one gets its own weights
+                copies[(replica, stage)] = StageCopy(replica, stage, copy.deepcopy(module), twin=originals[stage])
+            else:
+                originals[stage] = module
+                copies[(replica, stage)] = StageCopy(replica, stage, module)
+        return copies
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        return [p for c in self.copies.values() for p in c.parameters()]
+
+    def copies_of(self, name: str) -> list[Tensor]:
+        """The local tensors (0, 1 or 2) that hold parameter or buffer ``name`` of the traced module."""
+        found: list[Tensor] = []
+        for c in self.copies.values():
+            tensor = _find(c.module, name)
+            if tensor is not None and all(tensor is not f for f in found):
+                found.append(tensor)
+        return found
+
+    def owned_names(self) -> Iterator[str]:
+        """Names whose replica-A copy lives on this rank: this rank is their source when gathering."""
+        bounds = self.stage_bounds()
+        for stage in range(self.placement.num_stages):
+            if self.placement.rank(0, stage) == self.comm.me:
+                params, buffers = self.chain.stage_state_names(bounds[stage], bounds[stage + 1])
+                yield from params
+                yield from buffers
+
+    def staged_names(self) -> set[str]:
+        bounds = self.stage_bounds()
+        names: set[str] = set()
+        for s in range(self.placement.num_stages):
+            params, buffers = self.chain.stage_state_names(bounds[s], bounds[s + 1])
+            names.update(params, buffers)
+        return names
+
+    def _release_non_local(self) -> None:
+        root = self.chain.root
+        local = {id(t) for c in self.copies.values() for t in [*c.module.parameters(), *c.module.buffers()]}
+        staged = self.staged_names()
+        for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
+            if name in staged and id(tensor) not in local:
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The traced module's whole state dict on every rank (a collective: call on all ranks)."""
+        mine = {name: _find(self.chain.root, name) for name in self.owned_names()}
+        state = {k: v.detach().cpu() for k, v in mine.items() if v is not None}
+        merged: dict[str, Tensor] = {}
+        for part in self.comm.all_gather_object(state):
+            merged.update(part)
+        result = {}
+        for name, tensor in self.chain.root.state_dict(keep_vars=True).items():
+            result[name] = merged[name] if name in merged else tensor.detach()
+        return result
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy a whole (unsplit) state dict into this rank's local copies."""
+        staged = self.staged_names()
+        for name, value in state.items():
+            if name in staged:
+                for tensor in self.copies_of(name):
+                    tensor.data.copy_(value)
+
+    def restore_full_module(self) -> None:
+        """Put the whole model back into the traced module on every rank (a collective)."""
+        state = self.full_state_dict()
+        root = self.chain.root
+        for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
+            if name in state and tensor.numel() == 0 and state[name].numel() > 0:
+                tensor.data = state[name].to(tensor.device)
+
+    def average_parameters(self) -> None:
+        """Average weights and float buffers of every stage's two copies (parameter averaging)."""
+        if self.num_replicas == 1:
+            return
+        for (replica, stage), _ in self.copies.items():
+            other_rank = self.placement.rank(1 - replica, stage)
+            if other_rank == self.comm.me and replica == 1:
+                continue  # the local pair is handled once
+            self.executor.averager.start_parameters(replica, stage, other_rank)
+        self.executor.averager.wait()
+
+    def clip_grad_norm_(self, max_norm: float, extra: list[Tensor] | None = None) -> Tensor:
+        """Clip each replica's gradients by its global 2-norm over all stages (a collective)."""
+        squares = torch.zeros(self.num_replicas, dtype=torch.float64)
+        for (replica, _), c in self.copies.items():
+            for p in c.parameters():
+                if p.grad is not None:
+                    squares[replica] += p.grad.detach().double().pow(2).sum().cpu()
+        if extra and self.comm.me == 0:  # replicated parameters count once
+            squares += sum(g.detach().double().pow(2).sum().cpu() for g in extra)
+        norms = self.comm.all_reduce_sum(squares.to(self.comm.device)).cpu().sqrt()
+        for (replica, _), c in self.copies.items():
+            coef = min(1.0, max_norm / (float(norms[replica]) + 1e-6))
+            for p in c.parameters():
+                if p.grad is not None and coef < 1.0:
+                    p.grad.mul_(coef)
+        if extra:
+            coef = min(1.0, max_norm / (float(norms[0]) + 1e-6))
+            for g in extra:
+                if coef < 1.0:
+                    g.mul_(coef)
+        return norms
+
+
+class _PipelineFunction(torch.autograd.Function):
+    """Connects the pipeline to the caller's autograd graph: its backward runs the backward phase."""
+
+    @staticmethod
+    def forward(ctx: Any, pipeline: Pipeline, anchor: Tensor, x: Tensor) -> Tensor:
+        out, step = pipeline.run_forward(x)
+        ctx.pipeline, ctx.step = pipeline, step
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:
+        ctx.pipeline.run_backward(ctx.step, grad)
+        ctx.step = None
+        return None, None, None
+
+
+class _FreshGradients:
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.saved: list[Tensor | None] = []
+
+    def __enter__(self) -> None:
+        self.saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def __exit__(self, *exc: object) -> None:
+        for p, old in zip(self.params, self.saved, strict=True):
+            if old is not None:
+                p.grad = old if p.grad is None else old.add_(p.grad)
+
+
+def _find(module: nn.Module, name: str) -> Tensor | None:
+    """Parameter or buffer ``name`` of ``module`` (by qualified name), or None when it is not there."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_name) if owner_name else module
+    except AttributeError:
+        return None
+    found = getattr(owner, attr, None)
+    return found if isinstance(found, Tensor) else None

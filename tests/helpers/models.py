@@ -1,0 +1,75 @@
+"""Small models and data shared by the multi-process tests (importable by spawned workers)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+__all__ = ["MODELS", "batches", "build", "train_reference"]
+
+
+def sequential_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+def resnet18_no_bn() -> nn.Module:
+    return torchvision.models.resnet18(weights=None, num_classes=10, norm_layer=nn.Identity)
+
+
+def resnet18_bn_eval() -> nn.Module:
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    with torch.no_grad():  # non-trivial running statistics, so eval-mode BatchNorm is not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+MODELS = {"sequential": sequential_cnn, "resnet18": resnet18_no_bn, "resnet18_bn_eval": resnet18_bn_eval}
+
+
+def build(name: str) -> nn.Module:
+    """The same initial weights in every process."""
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    model.train()
+    if name.endswith("bn_eval"):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    return model
+
+
+def batches(steps: int, batch_size: int = 8, size: int = 16) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(batch_size, 3, size, size, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+def train_reference(name: str, steps: int, lr: float = 0.05) -> tuple[dict[str, Tensor], list[float]]:
+    """Single-process SGD with momentum on the same batches: the ground truth for every schedule."""
+    model = build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for x, y in batches(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {k: v.clone() for k, v in model.state_dict().items()}, losses

@@ -1,0 +1,75 @@
+"""Every schedule trains to the same weights as single-process SGD on the same batches (gloo, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_cmp.partition import trace_chain, uniform_cuts
+from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
+from tests.helpers.launch import run_workers
+from tests.helpers.models import batches, build, train_reference
+
+STEPS = 5
+CASES = [
+    ("sequential", "mp", "gradient"),
+    ("sequential", "cmp", "gradient"),
+    ("resnet18", "mp", "gradient"),
+    ("resnet18", "cmp", "gradient"),
+    ("resnet18_bn_eval", "cmp", "gradient"),
+    # Averaging the weights after every SGD step is linear in the gradients, so it matches too.
+    ("sequential", "cmp", "parameter"),
+]
+
+
+def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str) -> dict:
+    model = build(model_name)
+    chain = trace_chain(model)
+    cuts = uniform_cuts(chain.num_blocks, world)
+    pipe = Pipeline(chain, cuts, schedule, Comm(list(range(world)), rank, torch.device("cpu")), averaging)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
+    losses = []
+    for x, y in batches(STEPS):
+        loss = F.cross_entropy(pipe(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if averaging == "parameter":
+            pipe.average_parameters()
+        losses.append(loss.item())
+    # Both copies of every stage must be bitwise identical under gradient averaging.
+    mine = {(c.replica, n): t.detach().clone() for c in pipe.copies.values() for n, t in c.module.state_dict().items()}
+    every = {}
+    for part in pipe.comm.all_gather_object(mine):
+        every.update(part)
+    copies_differ = [n for (r, n), t in every.items() if r == 1 and not torch.equal(t, every[(0, n)])]
+    return {"state": pipe.full_state_dict(), "losses": losses, "copies_differ": copies_differ}
+
+
+def _all_cases(rank: int, world: int) -> list[dict]:
+    return [_train(rank, world, *case) for case in CASES]
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    return {name: train_reference(name, STEPS) for name in {c[0] for c in CASES}}
+
+
+def _relative_error(state: dict, ref: dict) -> float:
+    return max(((state[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)).item() for k in ref)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_weights_and_losses_equal_single_process(world: int, references: dict) -> None:
+    results = run_workers(_all_cases, world, timeout=240)
+    for index, (model_name, schedule, averaging) in enumerate(CASES):
+        ref_state, ref_losses = references[model_name]
+        for rank, per_rank in enumerate(results):
+            got = per_rank[index]
+            label = f"{model_name}/{schedule}/{averaging} K={world} rank {rank}"
+            assert set(got["state"]) == set(ref_state), label
+            assert _relative_error(got["state"], ref_state) < 1e-5, label
+            assert got["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), label
+            assert got["copies_differ"] == [], label
