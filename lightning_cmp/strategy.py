@@ -1,0 +1,420 @@
+"""Lightning glue: ``CMPStrategy`` runs any LightningModule's forward through a pipeline schedule."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _set_num_threads_if_needed,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_cmp.errors import CMPConfigError, unknown_name
+from lightning_cmp.partition import PARTITION_POLICIES, Chain, profile_blocks, resolve_cuts, trace_chain
+from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
+from lightning_cmp.schedule import SCHEDULES, get_schedule
+
+__all__ = ["CMPStrategy"]
+
+log = logging.getLogger(__name__)
+
+
+class CMPStrategy(ParallelStrategy):
+    """Cross model parallelism: two reversed replicas of a split model train at once and stay averaged.
+
+    The module to split (the LightningModule's ``forward`` by default, or ``module="net"``) is traced into
+    blocks and cut into ``num_stages`` stages, one per worker. Replica A holds stage ``s`` on worker ``s``
+    and replica B holds it on worker ``num_stages - 1 - s``; each takes half of every batch. The forward
+    returns the whole batch's output on every worker, so ``training_step``, logging, metrics and callbacks
+    run unchanged and see what one device would see.
+
+    Args:
+        num_stages: stages the model is cut into; defaults to the number of workers (must equal it for now).
+        schedule: ``"cmp"`` (two reversed replicas) or ``"mp"`` (plain model parallel baseline).
+        partition: ``"balanced"`` (profile blocks on the first batch, minimise the slowest stage),
+            ``"uniform"`` (equal block counts) or explicit cut indices (first block of stages 1..K-1).
+        averaging: ``"gradient"`` (sum the copies' gradients every step; equals single-device training) or
+            ``"parameter"`` (each replica steps on its half batch; weights and buffers averaged every
+            ``average_every`` steps and whenever the model is evaluated, saved or returned).
+        average_every: steps between parameter averages (``averaging="parameter"`` only).
+        module: dotted name of the submodule to split; ``None`` splits the LightningModule's ``forward``.
+
+    Example::
+
+        import lightning as L
+        import lightning_cmp  # registers "cmp" and "mp"
+
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cmp", max_epochs=1)
+        trainer = L.Trainer(devices=2, strategy=lightning_cmp.CMPStrategy(partition=[5], module="net"))
+    """
+
+    strategy_name = "cmp"
+
+    def __init__(
+        self,
+        num_stages: int | None = None,
+        schedule: str = "cmp",
+        partition: str | Sequence[int] = "balanced",
+        averaging: str = "gradient",
+        average_every: int = 1,
+        module: str | None = None,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        _check_arguments(num_stages, schedule, partition, averaging, average_every)
+        self.num_stages = num_stages
+        self.schedule = schedule
+        self.partition = partition if isinstance(partition, str) else [int(c) for c in partition]
+        self.averaging = averaging
+        self.average_every = average_every
+        self.module_name = module
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._start_method = start_method
+        self._chain: Chain | None = None
+        self._target: nn.Module | None = None
+        self._pipeline: Pipeline | None = None
+        self._layouts: list[OptimizerLayout] = []
+        self._optimizer_steps = 0
+        self._failed = False
+        self._metric_sync: dict[nn.Module, bool] = {}
+
+    # -- what Lightning asks of a parallel strategy -----------------------------------------------------
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def num_nodes(self) -> int:
+        return getattr(self, "_num_nodes", 1)
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every worker of one pipeline must see the same batch: one data-parallel replica.
+        return {"num_replicas": 1, "rank": 0}
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._check_world()
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    def _check_world(self) -> None:
+        world = self.num_processes * self.num_nodes
+        name = self.schedule
+        if world < 2:
+            raise CMPConfigError(
+                f"strategy={name!r} splits the model over several workers but the Trainer has {world} "
+                f"(devices={self.num_processes}, num_nodes={self.num_nodes}); use devices=2 or more"
+            )
+        if self.num_stages is not None and self.num_stages != world:
+            raise CMPConfigError(
+                f"num_stages={self.num_stages} but the Trainer has {world} workers (devices x num_nodes); "
+                f"one pipeline uses one worker per stage and data-parallel groups are not supported yet: "
+                f"use devices={self.num_stages} or num_stages={world}"
+            )
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.root_device.type == "cpu":
+            _set_num_threads_if_needed(num_processes=self.num_processes)
+        reset_seed()
+        assert self.cluster_environment is not None
+        self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+        self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization:
+            raise CMPConfigError(
+                f"strategy={self.schedule!r} runs the backward itself and supports automatic optimization only; "
+                f"{type(module).__name__}.automatic_optimization is False: remove it or use strategy='ddp'"
+            )
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._trace(module)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            if len(self.optimizers) != 1:
+                raise CMPConfigError(
+                    f"configure_optimizers returned {len(self.optimizers)} optimizers; strategy={self.schedule!r} "
+                    "supports exactly one (put all parameter groups into one optimizer)"
+                )
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        self._patch(module)
+
+    def _trace(self, module: LightningModule) -> None:
+        target = module.get_submodule(self.module_name) if self.module_name else module
+        name = self.module_name or type(module).__name__
+        self._chain = trace_chain(target, name=name)
+        self._target = target
+        world = self.num_stages or self.world_size
+        # Checks the block count and explicit cuts now, before any training.
+        resolve_cuts(self.partition if self.partition != "balanced" else "uniform", self._chain.num_blocks, world)
+
+    def _patch(self, module: LightningModule) -> None:
+        assert self._target is not None
+        target = self._target
+        target.__dict__["forward"] = self._forward  # instance attribute: nn.Module.__call__ finds it
+        plugin = self.precision_plugin
+        unclipped = plugin.clip_grad_by_norm
+        plugin.__dict__["clip_grad_by_norm"] = lambda optimizer, clip_val: self._clip(optimizer, clip_val, unclipped)
+        for metric in module.modules():
+            # Every worker holds identical metric states: syncing them across workers would count K times.
+            if hasattr(metric, "sync_on_compute") and hasattr(metric, "dist_sync_on_step"):
+                self._metric_sync[metric] = metric.__dict__["sync_on_compute"]
+                metric.__dict__["sync_on_compute"] = False
+
+    def _unpatch(self) -> None:
+        if self._target is not None:
+            self._target.__dict__.pop("forward", None)
+        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        for metric, sync in self._metric_sync.items():
+            metric.__dict__["sync_on_compute"] = sync
+        self._metric_sync.clear()
+
+    # -- the pipeline, built on the first batch ----------------------------------------------------------
+    def _forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs:
+            raise CMPConfigError(
+                f"the split module was called with {len(args) + 1} positional and {len(kwargs)} keyword "
+                "arguments; lightning_cmp pipelines take one tensor: pass module='<submodule>' naming a "
+                "submodule called as module(x)"
+            )
+        if self._pipeline is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._pipeline = self._build_pipeline(x)
+        return self._pipeline(x)
+
+    def _build_pipeline(self, x: Tensor) -> Pipeline:
+        assert self._chain is not None and self.lightning_module is not None
+        world = self.world_size
+        cuts = None
+        if self.global_rank == 0:
+            costs = None
+            if self.partition == "balanced":
+                costs = [f + b for f, b in profile_blocks(self._chain, x)]
+            cuts = resolve_cuts(self.partition, self._chain.num_blocks, world, costs)
+        comm = Comm(list(range(world)), self.global_rank, self.root_device)
+        cuts = comm.broadcast_object(cuts, 0)
+        log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, cuts)
+        pipeline = Pipeline(self._chain, cuts, self.schedule, comm, self.averaging)
+        names = {id(p): n for n, p in self._chain.root.named_parameters()}
+        self._layouts = [OptimizerLayout(_unwrap(opt), names) for opt in self.optimizers]
+        for layout in self._layouts:
+            layout.localize(pipeline)
+        return pipeline
+
+    def _clip(self, optimizer: Optimizer, clip_val: float, unclipped: Callable[[Optimizer, float], None]) -> None:
+        if self._pipeline is None:
+            return unclipped(optimizer, clip_val)
+        local = {id(p) for p in self._pipeline.local_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in local]
+        extra = [p.grad for p in params if p.grad is not None]
+        self._pipeline.clip_grad_norm_(float(clip_val), extra)
+        return None
+
+    # -- steps ------------------------------------------------------------------------------------------
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._optimizer_steps += 1
+        if self.averaging == "parameter" and self._optimizer_steps % self.average_every == 0:
+            self._average_parameters()
+        return result
+
+    def _average_parameters(self) -> None:
+        if self._pipeline is not None and self.averaging == "parameter":
+            self._pipeline.average_parameters()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._average_parameters()
+
+    @override
+    def on_test_start(self) -> None:
+        self._average_parameters()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._average_parameters()
+
+    # -- collectives for Lightning ------------------------------------------------------------------------
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        # Every worker of a pipeline computed the same value on the same batch: nothing to combine.
+        return tensor
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        flag = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN if all else dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not (dist.is_available() and dist.is_initialized()):
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    # -- checkpoints: one standard file keyed like the unsplit model ----------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        module = self.lightning_module
+        assert module is not None
+        state = module.state_dict()
+        if self._pipeline is None:
+            return state
+        self._average_parameters()
+        prefix = f"{self.module_name}." if self.module_name else ""
+        for name, tensor in self._pipeline.full_state_dict().items():
+            state[prefix + name] = tensor
+        return state
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._pipeline is None:
+            return super().load_model_state_dict(checkpoint, strict)
+        prefix = f"{self.module_name}." if self.module_name else ""
+        state = checkpoint["state_dict"]
+        self._pipeline.load_full_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        return None
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        layout = self._layout_of(optimizer)
+        if self._pipeline is None or layout is None:
+            return super().optimizer_state(optimizer)
+        return layout.full_state_dict(self._pipeline)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for layout in self._layouts:
+            layout.restore()
+        super().load_optimizer_state_dict(checkpoint)
+        if self._pipeline is not None:
+            for layout in self._layouts:
+                layout.localize(self._pipeline)
+
+    def _layout_of(self, optimizer: Optimizer) -> OptimizerLayout | None:
+        inner = _unwrap(optimizer)
+        return next((layout for layout in self._layouts if layout.optimizer is inner), None)
+
+    # -- the end: the user's module is whole again on every worker -----------------------------------
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
+
+    @override
+    def teardown(self) -> None:
+        if self._pipeline is not None and not self._failed:
+            self._average_parameters()
+            self._pipeline.restore_full_module()
+            for layout in self._layouts:
+                layout.restore()
+        self._unpatch()
+        self._pipeline, self._chain, self._target, self._layouts = None, None, None, []
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, spec in SCHEDULES.items():
+            strategy_registry.register(name, cls, description=spec.description, schedule=name, override=True)
+
+
+def _unwrap(optimizer: Any) -> Optimizer:
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def _check_arguments(
+    num_stages: int | None, schedule: str, partition: str | Sequence[int], averaging: str, average_every: int
+) -> None:
+    get_schedule(schedule)
+    if num_stages is not None and num_stages < 2:
+        raise CMPConfigError(f"num_stages={num_stages}; a pipeline needs at least 2 stages (None: one per worker)")
+    if isinstance(partition, str) and partition not in PARTITION_POLICIES:
+        raise unknown_name("partition", partition, PARTITION_POLICIES)
+    if averaging not in AVERAGING:
+        raise unknown_name("averaging", averaging, AVERAGING)
+    if not isinstance(average_every, int) or average_every < 1:
+        raise CMPConfigError(f"average_every={average_every!r}; use a whole number of steps >= 1")
+    if average_every != 1 and averaging != "parameter":
+        raise CMPConfigError(
+            f"average_every={average_every} only applies to averaging='parameter' (averaging={averaging!r} "
+            "sums gradients every step)"
+        )

@@ -1,0 +1,121 @@
+"""End to end: Trainer(strategy=CMPStrategy(...)) on 2-3 CPU workers equals single-device Lightning training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.helpers.lit import LitCNN, loader
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch(tmp_path: Path, timeout: float = 300, **cfg: object) -> list[dict]:
+    """Run the scenario script like a user would; Lightning starts the other workers itself."""
+    cfg["out"] = str(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.scenario", json.dumps(cfg)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(int(cfg["devices"]))]  # type: ignore[call-overload]
+
+
+def single_device(epochs: int, **trainer_kwargs: object) -> tuple[LitCNN, L.Trainer, list[float]]:
+    model = LitCNN()
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()], **trainer_kwargs,  # type: ignore[arg-type]
+    )
+    trainer.fit(model, loader(), loader(seed=2))
+    return model, trainer, losses
+
+
+def assert_states_close(got: dict, ref: dict, rel: float = 1e-5) -> None:
+    assert set(got) == set(ref)
+    for k in ref:
+        err = ((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)).item()
+        assert err < rel, f"{k}: relative error {err:.2e}"
+
+
+def test_cmp_fit_validate_test_predict_checkpoint_resume(tmp_path: Path) -> None:
+    ranks = launch(tmp_path, devices=2, epochs=2, evaluate=True, resume_epochs=3)
+    ref_model, ref_trainer, ref_losses = single_device(2)
+
+    for rank in ranks:
+        # what training_step returned and what the progress bar / loggers saw, on every rank
+        assert rank["losses"] == pytest.approx(ref_losses, rel=1e-5)
+        assert rank["logged"] == pytest.approx(ref_losses, rel=1e-5)
+        # after fit the user's module holds the whole trained model on every rank
+        assert_states_close(rank["state"], ref_model.state_dict())
+        # sum-reduced logs are not multiplied by the number of workers
+        assert rank["metrics"]["train_loss_sum"] == pytest.approx(
+            float(ref_trainer.callback_metrics["train_loss_sum"]), rel=1e-5
+        )
+        assert rank["metrics"]["val_loss"] == pytest.approx(float(ref_trainer.callback_metrics["val_loss"]), rel=1e-5)
+        assert rank["metrics"]["val_acc"] == pytest.approx(float(ref_trainer.callback_metrics["val_acc"]))
+
+    ref_val = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    expected_val = ref_val.validate(ref_model, loader(seed=2), verbose=False)
+    expected_test = ref_val.test(ref_model, loader(seed=3), verbose=False)
+    expected_pred = torch.cat(ref_val.predict(ref_model, loader(seed=3)))  # type: ignore[arg-type]
+    for rank in ranks:
+        assert rank["validate"][0]["val_loss"] == pytest.approx(expected_val[0]["val_loss"], rel=1e-5)
+        assert rank["test"][0]["test_acc"] == pytest.approx(expected_test[0]["test_acc"])
+        assert torch.allclose(rank["predict"], expected_pred, rtol=1e-5, atol=1e-6)
+        assert_states_close(rank["state_after_eval"], ref_model.state_dict())
+
+    # The checkpoint is one standard file that loads without lightning_cmp, keyed like the unsplit model.
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == set(ref_model.state_dict())
+    loaded = LitCNN.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert_states_close(loaded.state_dict(), ref_model.state_dict())
+    # Optimizer state in the unsplit layout: one momentum buffer per parameter, in parameter order.
+    momentum = ckpt["optimizer_states"][0]["state"]
+    params = list(ref_model.parameters())
+    assert sorted(momentum) == list(range(len(params)))
+    for index, p in enumerate(params):
+        assert momentum[index]["momentum_buffer"].shape == p.shape
+
+    # Resuming from last.ckpt for a third epoch reaches the weights of three uninterrupted epochs.
+    ref3, _, _ = single_device(3)
+    for rank in ranks:
+        assert_states_close(rank["resumed_state"], ref3.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("devices", "schedule", "averaging"),
+    [(3, "cmp", "gradient"), (2, "mp", "gradient"), (2, "cmp", "parameter")],
+)
+def test_other_placements_equal_single_device(tmp_path: Path, devices: int, schedule: str, averaging: str) -> None:
+    ranks = launch(tmp_path, devices=devices, epochs=1, schedule=schedule, averaging=averaging)
+    ref_model, _, ref_losses = single_device(1)
+    for rank in ranks:
+        assert rank["losses"] == pytest.approx(ref_losses, rel=1e-5)
+        assert_states_close(rank["state"], ref_model.state_dict())
+
+
+def test_gradient_accumulation_and_global_norm_clipping(tmp_path: Path) -> None:
+    # K=3: no worker holds the whole model, so a per-worker norm would clip differently (with K=2 cmp each
+    # worker holds one copy of every stage and the local norm happens to be the global one).
+    ranks = launch(tmp_path, devices=3, epochs=1, accumulate=2, clip=0.05)
+    ref_model, _, _ = single_device(1, accumulate_grad_batches=2, gradient_clip_val=0.05)
+    unclipped, _, _ = single_device(1, accumulate_grad_batches=2)
+    for rank in ranks:
+        assert_states_close(rank["state"], ref_model.state_dict())
+    # the clip was active, so this test can tell a per-worker norm from the global one
+    assert any(not torch.allclose(ref_model.state_dict()[k], unclipped.state_dict()[k]) for k in ref_model.state_dict())
