@@ -1,0 +1,233 @@
+"""Fashion-MNIST as in-memory tensors: IDX reader and a LightningDataModule that works offline."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
+
+__all__ = ["DEBIAN_DIR", "FashionMNISTDataModule", "read_idx"]
+
+#: Where the Debian package ``dataset-fashion-mnist`` puts the four ``*-ubyte.gz`` files.
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+MEAN, STD = 0.2860, 0.3530  # of the Fashion-MNIST training images, scaled to [0, 1]
+
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# IDX type codes (third byte of the magic number) -> (torch dtype, bytes per element).
+_IDX_DTYPES = {
+    0x08: (torch.uint8, 1),
+    0x09: (torch.int8, 1),
+    0x0B: (torch.int16, 2),
+    0x0C: (torch.int32, 4),
+    0x0D: (torch.float32, 4),
+    0x0E: (torch.float64, 8),
+}
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """Read an IDX file (plain or ``.gz``) into a tensor of its stored shape and type.
+
+    Example:
+        >>> images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+        >>> images.shape, images.dtype
+        (torch.Size([10000, 28, 28]), torch.uint8)
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    data = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(
+            f"{path} is not an IDX file: magic number {data[:4].hex() or '(empty)'}, expected 0000TTNN with type "
+            f"TT in {sorted(f'{t:02x}' for t in _IDX_DTYPES)}; is the download truncated or the wrong file?"
+        )
+    dtype, width = _IDX_DTYPES[data[2]]
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = offset + width * _prod(shape)
+    if len(data) != expected:
+        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes) but the file has {len(data)} bytes")
+    flat = torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8)
+    if width > 1 and sys.byteorder == "little":  # IDX is big-endian: reverse the bytes of each element
+        flat = flat.view(-1, width).flip(1).reshape(-1)
+    return flat.view(dtype).reshape(shape).clone()
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _candidates(data_dir: Path, name: str) -> list[Path]:
+    """Where a file may lie: flat (Debian layout) or in torchvision's ``FashionMNIST/raw``, gzipped or not."""
+    dirs = [data_dir, data_dir / "FashionMNIST" / "raw"]
+    return [d / f"{name}{ext}" for d in dirs for ext in (".gz", "")]
+
+
+def _find(data_dir: Path, name: str) -> Path | None:
+    return next((p for p in _candidates(data_dir, name) if p.is_file()), None)
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST held as tensors in memory, padded and channel-repeated for ImageNet/CIFAR models.
+
+    Reads the IDX files of the Debian package ``dataset-fashion-mnist`` when present; otherwise downloads
+    with torchvision into ``./data``. Validation is ``val_size`` images split off the training set with a
+    fixed seed; ``limit`` then keeps the first N of the remaining training images, ``limit_eval`` the first
+    N of the validation and test sets.
+
+    Args:
+        data_dir: directory with the ``*-ubyte[.gz]`` files; ``None`` = the Debian directory if it exists,
+            else ``./data``.
+        batch_size: per-process batch size.
+        num_workers: DataLoader worker processes (0 is fastest for in-memory tensors).
+        pad_to: zero-pad the 28x28 images to this size (``None``: keep 28x28).
+        channels: repeat the grey channel this many times (3 lets RGB models run unchanged).
+        val_size: number of training images held out for validation.
+        seed: seed of the train/validation split and of the training shuffle.
+        limit: use only the first N training images (quick runs and tests).
+        limit_eval: use only the first N validation and test images.
+        download: download with torchvision when the files are missing.
+
+    Example:
+        >>> dm = FashionMNISTDataModule(limit=1000, batch_size=32)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> x.shape
+        torch.Size([32, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pad_to: int | None = 32,
+        channels: int = 3,
+        val_size: int = 5000,
+        seed: int = 0,
+        limit: int | None = None,
+        limit_eval: int | None = None,
+        download: bool = True,
+    ) -> None:
+        super().__init__()
+        if pad_to is not None and pad_to < 28:
+            raise ValueError(f"pad_to={pad_to} is smaller than the 28x28 images; use pad_to>=28 or None")
+        if not 0 <= val_size < 60000:
+            raise ValueError(f"val_size={val_size} must lie in [0, 60000)")
+        for name, value in (("batch_size", batch_size), ("channels", channels), ("limit", limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir) if data_dir else (DEBIAN_DIR if DEBIAN_DIR.is_dir() else Path("data"))
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pad_to = pad_to
+        self.channels = channels
+        self.val_size = val_size
+        self.seed = seed
+        self.limit = limit
+        self.limit_eval = limit_eval
+        self.download = download
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def _missing(self) -> list[str]:
+        return [name for pair in _FILES.values() for name in pair if _find(self.data_dir, name) is None]
+
+    def _no_data_message(self, why: str) -> str:
+        tried = "\n  ".join(str(p) for name in self._missing() for p in _candidates(self.data_dir, name))
+        return (
+            f"Fashion-MNIST not found ({why}). Tried:\n  {tried}\n"
+            f"Fix: `sudo apt-get install dataset-fashion-mnist` (files go to {DEBIAN_DIR}), "
+            f"or run once online with download=True to fetch them into {self.data_dir}, "
+            "or pass data_dir= a directory holding the four *-ubyte.gz files."
+        )
+
+    @override
+    def prepare_data(self) -> None:
+        """Download once (rank 0 only, as Lightning calls it) if the files are missing."""
+        if not self._missing():
+            return
+        if not self.download:
+            raise FileNotFoundError(self._no_data_message("download=False"))
+        from torchvision.datasets import FashionMNIST
+
+        try:
+            FashionMNIST(str(self.data_dir), train=True, download=True)
+        except Exception as e:  # URLError, RuntimeError, OSError: all mean "offline or blocked"
+            raise RuntimeError(self._no_data_message(f"download failed: {type(e).__name__}: {e}")) from e
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Build the tensors once; later calls (fit, then test) reuse them."""
+        if self.train_set is not None:
+            return
+        if self._missing():
+            raise FileNotFoundError(self._no_data_message("call prepare_data() first or check data_dir"))
+        x, y = self._load("train")
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
+        val, train = order[: self.val_size], order[self.val_size :].sort().values[: self.limit]
+        val = val[: self.limit_eval]
+        self.train_set = self._dataset(x[train], y[train])
+        self.val_set = self._dataset(x[val], y[val])
+        x, y = self._load("test")
+        self.test_set = self._dataset(x[: self.limit_eval], y[: self.limit_eval])
+
+    def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One split as normalised (N, 1, H, W) float images and int64 labels."""
+        paths = [_find(self.data_dir, name) for name in _FILES[split]]
+        images, labels = (read_idx(p) for p in paths if p is not None)
+        x = images.unsqueeze(1).float().div_(255)
+        if self.pad_to is not None:
+            extra = self.pad_to - x.shape[-1]
+            x = F.pad(x, (extra // 2, extra - extra // 2, extra // 2, extra - extra // 2))  # black border
+        return x.sub_(MEAN).div_(STD), labels.long()
+
+    def _dataset(self, x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
+        # expand() is a view, so the repeated channels cost no memory; the default collate stacks real copies.
+        return TensorDataset(x.expand(-1, self.channels, -1, -1), y)
+
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("FashionMNISTDataModule.setup() must run before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
