@@ -11,9 +11,9 @@ import time
 from collections.abc import Sequence
 
 import lightning as L
-from lightning.pytorch.strategies import Strategy, StrategyRegistry
+from lightning.pytorch.strategies import Strategy
 
-import lightning_cmp  # noqa: F401  (registers the "cmp" and "mp" strategies)
+import lightning_cmp  # registers the "cmp" and "mp" strategies
 from lightning_cmp.callbacks import SamplesPerSecond
 from lightning_cmp.data import FashionMNISTDataModule
 from lightning_cmp.models import ImageClassifier
@@ -46,14 +46,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def make_strategy(name: str, num_stages: int | None) -> str | Strategy:
-    """A strategy name for the Trainer, or a registered strategy built with ``num_stages``."""
+    """A strategy name for the Trainer, or a ``CMPStrategy`` with ``num_stages`` for the pipeline schedules."""
     if num_stages is None:
         return name
-    if name not in StrategyRegistry:
-        raise SystemExit(f"strategy {name!r} is not registered; is lightning_cmp's strategy module importable?")
-    entry = StrategyRegistry[name]
-    strategy: Strategy = entry["strategy"](**{**entry["init_params"], "num_stages": num_stages})
-    return strategy
+    return lightning_cmp.CMPStrategy(schedule=name, num_stages=num_stages)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

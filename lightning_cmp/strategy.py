@@ -199,23 +199,19 @@ class CMPStrategy(ParallelStrategy):
         self.model_to_device()
         self._trace(module)
         if trainer.state.fn == TrainerFn.FITTING:
+            # Lightning itself refuses several optimizers under automatic optimization, which we require.
             self.setup_optimizers(trainer)
-            if len(self.optimizers) != 1:
-                raise CMPConfigError(
-                    f"configure_optimizers returned {len(self.optimizers)} optimizers; strategy={self.schedule!r} "
-                    "supports exactly one (put all parameter groups into one optimizer)"
-                )
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
         self._patch(module)
 
     def _trace(self, module: LightningModule) -> None:
-        target = module.get_submodule(self.module_name) if self.module_name else module
+        target = _submodule(module, self.module_name) if self.module_name else module
         name = self.module_name or type(module).__name__
         self._chain = trace_chain(target, name=name)
         self._target = target
-        world = self.num_stages or self.world_size
+        world = self.num_processes * self.num_nodes
         # Checks the block count and explicit cuts now, before any training.
         resolve_cuts(self.partition if self.partition != "balanced" else "uniform", self._chain.num_blocks, world)
 
@@ -395,6 +391,16 @@ class CMPStrategy(ParallelStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, spec in SCHEDULES.items():
             strategy_registry.register(name, cls, description=spec.description, schedule=name, override=True)
+
+
+def _submodule(module: LightningModule, name: str) -> nn.Module:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(repr(n) for n, _ in module.named_children()) or "none"
+        raise CMPConfigError(
+            f"module={name!r}: {type(module).__name__} has no submodule {name!r}; its children are {children}"
+        ) from None
 
 
 def _unwrap(optimizer: Any) -> Optimizer:

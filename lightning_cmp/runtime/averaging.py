@@ -4,29 +4,24 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_cmp.runtime.comm import Comm, message_tag
+from lightning_cmp.runtime.comm import _DTYPES, Comm, message_tag
 from lightning_cmp.runtime.stage import StageCopy
 
-__all__ = ["Averager", "flatten_by_dtype", "unflatten_into"]
+__all__ = ["Averager", "unflatten_into"]
 
 _AVERAGE_MSG = 2  # message kind for tags (0 activations, 1 gradients)
-
-
-def flatten_by_dtype(tensors: Sequence[Tensor]) -> dict[torch.dtype, Tensor]:
-    """One flat buffer per dtype, in the order the tensors are given."""
-    groups: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-    for t in tensors:
-        groups[t.dtype].append(t.reshape(-1))
-    return {dtype: torch.cat(ts) for dtype, ts in groups.items()}
+_BUCKET_BYTES = 16 << 20
+_MAX_BUCKETS = 100  # channel * 8 + dtype index must stay below the 1024 tags of a stage
 
 
 def unflatten_into(flats: dict[torch.dtype, Tensor], tensors: Sequence[Tensor]) -> None:
-    """Copy the flat buffers made by :func:`flatten_by_dtype` back into ``tensors``."""
+    """Copy flat per-dtype buffers (``tensors`` laid end to end in order) back into ``tensors``."""
     offsets: dict[torch.dtype, int] = defaultdict(int)
     for t in tensors:
         start = offsets[t.dtype]
@@ -34,12 +29,34 @@ def unflatten_into(flats: dict[torch.dtype, Tensor], tensors: Sequence[Tensor]) 
         offsets[t.dtype] = start + t.numel()
 
 
-def _grads(copy: StageCopy) -> list[Tensor]:
-    """The copy's gradients, materialised as zeros where a parameter got none (e.g. an empty microbatch)."""
-    for p in copy.parameters():
+def _zero_filled(params: Sequence[nn.Parameter]) -> list[Tensor]:
+    """The gradients, materialised as zeros where a parameter got none (e.g. an empty microbatch)."""
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return [p.grad for p in copy.parameters() if p.grad is not None]
+    return [p.grad for p in params if p.grad is not None]
+
+
+@dataclass
+class _Bucket:
+    """Parameters whose gradients travel together, in the order backward produces them."""
+
+    params: list[nn.Parameter]
+    ready: int = 0
+    started: bool = False
+
+
+def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
+    buckets, current, size = [], [], 0
+    for p in reversed(params):  # backward produces the last layers' gradients first
+        current.append(p)
+        size += p.numel() * p.element_size()
+        if size >= bucket_bytes:
+            buckets.append(_Bucket(current))
+            current, size = [], 0
+    if current:
+        buckets.append(_Bucket(current))
+    return buckets
 
 
 class Averager:
@@ -47,26 +64,78 @@ class Averager:
 
     Gradient mode sums the two copies' gradients (each copy saw half of a batch whose loss is already
     normalised by the global batch, so the sum is the single-device gradient) and averages float buffers
-    such as BatchNorm running statistics. Both sides compute ``a + b`` in the same order, so the copies
-    stay bitwise identical.
+    such as BatchNorm running statistics. Both sides compute ``a + b``, so the copies stay bitwise identical.
+
+    Once a copy is :meth:`arm`-ed (just before its last backward of the step), its gradients are sent in
+    buckets of about ``bucket_bytes`` as soon as backward has produced them (a post-accumulate-grad hook), so
+    the exchange overlaps the rest of that backward; :meth:`start_gradients` sends what is left.
 
     Example:
         >>> averager = Averager(comm, copies)  # doctest: +SKIP
-        >>> averager.start_gradients(replica=0, stage=1, peer=2); averager.wait()  # doctest: +SKIP
+        >>> averager.arm(0, 1, peer=2); ...; averager.start_gradients(0, 1, peer=2); averager.wait()  # doctest: +SKIP
     """
 
-    def __init__(self, comm: Comm, copies: dict[tuple[int, int], StageCopy]) -> None:
+    def __init__(self, comm: Comm, copies: dict[tuple[int, int], StageCopy], bucket_bytes: int = _BUCKET_BYTES) -> None:
         self.comm = comm
         self.copies = copies
         self._pending: list[tuple[list[Any], Callable[[], None]]] = []
+        self._buckets: dict[tuple[int, int], list[_Bucket]] = {}
+        self._where: dict[int, tuple[tuple[int, int], int]] = {}
+        self._armed: dict[tuple[int, int], int] = {}
+        self._hooks: list[Any] = []
+        self._flats: dict[tuple[int, int], dict[torch.dtype, tuple[Tensor, Tensor]]] = {}
+        for key, copy in copies.items():
+            params = copy.parameters()
+            total = sum(p.numel() * p.element_size() for p in params)
+            self._buckets[key] = _buckets(params, max(bucket_bytes, total // _MAX_BUCKETS + 1))
+            for index, bucket in enumerate(self._buckets[key]):
+                for p in bucket.params:
+                    self._where[id(p)] = (key, index)
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def close(self) -> None:
+        """Remove the gradient hooks from the parameters."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def arm(self, replica: int, stage: int, peer: int) -> None:
+        """From now on, send this copy's gradient buckets to ``peer`` as soon as they are complete."""
+        if peer == self.comm.me:
+            return
+        self._armed[(replica, stage)] = peer
+        for bucket in self._buckets[(replica, stage)]:
+            bucket.ready, bucket.started = 0, False
+
+    def _on_grad(self, p: Tensor) -> None:
+        key, index = self._where[id(p)]
+        if key not in self._armed:
+            return
+        bucket = self._buckets[key][index]
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params) and not bucket.started:
+            self._start_bucket(key, index)
+
+    def _start_bucket(self, key: tuple[int, int], index: int) -> None:
+        bucket = self._buckets[key][index]
+        bucket.started = True
+        grads = _zero_filled(bucket.params)
+        self._exchange(key[1], grads, _add, self._armed[key], channel=index + 1)
 
     def start_gradients(self, replica: int, stage: int, peer: int) -> None:
+        """Sum this copy's gradients with its mirror's (the buckets not sent yet go now)."""
         mine = self.copies[(replica, stage)]
         if peer == self.comm.me:  # both copies of the stage live here
             self._sum_local(mine, self.copies[(1 - replica, stage)])
             return
-        self._exchange(stage, _grads(mine), lambda own, other: own.add_(other), peer, channel=0)
-        self._exchange(stage, mine.float_buffers(), _average, peer, channel=1)
+        key = (replica, stage)
+        if key not in self._armed:
+            self.arm(replica, stage, peer)
+        for index, bucket in enumerate(self._buckets[key]):
+            if not bucket.started:
+                self._start_bucket(key, index)
+        del self._armed[key]
+        self._exchange(stage, mine.float_buffers(), _average, peer, channel=0)
 
     def start_parameters(self, replica: int, stage: int, peer: int) -> None:
         mine = self.copies[(replica, stage)]
@@ -87,31 +156,57 @@ class Averager:
     def _exchange(
         self, stage: int, tensors: list[Tensor], combine: Callable[[Tensor, Tensor], Any], peer: int, channel: int
     ) -> None:
-        """Swap ``tensors`` with ``peer`` (one message per dtype), then ``combine(own, other)`` in place."""
+        """Swap ``tensors`` with ``peer`` (one message per dtype), then ``combine(own, other)`` in place.
+
+        The flat send and receive buffers are kept from step to step: fresh multi-megabyte buffers would be
+        mapped and page-faulted anew every step.
+        """
         if not tensors:
             return
-        flats = flatten_by_dtype(tensors)
-        received: dict[torch.dtype, Tensor] = {}
+        flats = self._flat_buffers((stage, channel), tensors)
         works: list[Any] = []
-        for index, (dtype, flat) in enumerate(flats.items()):
-            tag = message_tag(_AVERAGE_MSG, channel, stage, index)
-            received[dtype], new_works = self.comm.exchange(flat, peer, tag)
-            works += new_works
+        for index, (send, recv) in enumerate(flats.values()):
+            tag = message_tag(_AVERAGE_MSG, 0, stage, channel * len(_DTYPES) + index)
+            works += self.comm.exchange_into(send, recv, peer, tag)
 
         def finish() -> None:
-            for dtype, flat in flats.items():
-                combine(flat, received[dtype])
-            unflatten_into(flats, tensors)
+            for send, recv in flats.values():
+                combine(send, recv)
+            unflatten_into({dtype: send for dtype, (send, _) in flats.items()}, tensors)
 
         self._pending.append((works, finish))
 
+    def _flat_buffers(self, key: tuple[int, int], tensors: list[Tensor]) -> dict[torch.dtype, tuple[Tensor, Tensor]]:
+        """Persistent (send, receive) buffers per dtype for ``key``, with ``tensors`` copied into the send one."""
+        sizes: dict[torch.dtype, int] = defaultdict(int)
+        for t in tensors:
+            sizes[t.dtype] += t.numel()
+        cached = self._flats.get(key)
+        if cached is None or {d: s.numel() for d, (s, _) in cached.items()} != dict(sizes):
+            device = tensors[0].device
+            cached = {
+                d: (torch.empty(n, dtype=d, device=device), torch.empty(n, dtype=d, device=device))
+                for d, n in sizes.items()
+            }
+            self._flats[key] = cached
+        offsets: dict[torch.dtype, int] = defaultdict(int)
+        for t in tensors:
+            start = offsets[t.dtype]
+            cached[t.dtype][0][start : start + t.numel()].copy_(t.reshape(-1))
+            offsets[t.dtype] = start + t.numel()
+        return cached
+
     @staticmethod
     def _sum_local(a: StageCopy, b: StageCopy) -> None:
-        for ga, gb in zip(_grads(a), _grads(b), strict=True):
+        for ga, gb in zip(_zero_filled(a.parameters()), _zero_filled(b.parameters()), strict=True):
             total = ga + gb
             ga.copy_(total)
             gb.copy_(total)
         _average_local(a.float_buffers(), b.float_buffers())
+
+
+def _add(own: Tensor, other: Tensor) -> None:
+    own.add_(other)
 
 
 def _average(own: Tensor, other: Tensor) -> None:

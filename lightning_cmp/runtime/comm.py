@@ -89,15 +89,10 @@ class Comm:
         dist.recv(out, src, group=self.group, tag=tag)
         return out
 
-    def exchange(self, tensor: Tensor, peer: int, tag: int) -> tuple[Tensor, list[Any]]:
-        """Start swapping same-shaped ``tensor`` with ``peer``; returns the receive buffer and works to wait on."""
-        other = torch.empty_like(tensor)
+    def exchange_into(self, tensor: Tensor, out: Tensor, peer: int, tag: int) -> list[Any]:
+        """Start sending ``tensor`` to ``peer`` while receiving its same-shaped tensor into ``out``."""
         dst = self.ranks[peer]
-        works = [
-            dist.isend(tensor.contiguous(), dst, group=self.group, tag=tag),
-            dist.irecv(other, dst, group=self.group, tag=tag),
-        ]
-        return other, works
+        return [dist.isend(tensor, dst, group=self.group, tag=tag), dist.irecv(out, dst, group=self.group, tag=tag)]
 
     def broadcast(self, tensor: Tensor | None, src: int) -> Tensor:
         """Every rank gets ``tensor`` from group position ``src`` (``tensor`` is ignored elsewhere)."""
@@ -118,6 +113,14 @@ class Comm:
         if self.size > 1:
             dist.all_reduce(tensor, group=self.group)
         return tensor
+
+    def all_gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's same-shaped ``tensor``, by group position."""
+        if self.size == 1:
+            return [tensor]
+        out = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(out, tensor.contiguous(), group=self.group)
+        return out
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if self.size == 1:

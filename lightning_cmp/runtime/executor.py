@@ -69,7 +69,10 @@ class Executor:
 
     def run(self, actions: Sequence[Action], step: Step) -> None:
         """Run ``actions`` in order, then wait for this rank's outstanding sends."""
+        arm_before = _arm_points(actions)
         for index, action in enumerate(actions):
+            if index in arm_before:
+                self.averager.arm(*arm_before[index])
             start = time.perf_counter()
             try:
                 self._handlers[action.kind](action, step)
@@ -121,3 +124,15 @@ class Executor:
 
     def _wait_average(self, a: Action, step: Step) -> None:
         self.averager.wait()
+
+
+def _arm_points(actions: Sequence[Action]) -> dict[int, tuple[int, int, int]]:
+    """Index of each averaged copy's last BACKWARD -> (replica, stage, peer): its gradients go out from there."""
+    last_backward: dict[tuple[int, int], int] = {}
+    points = {}
+    for index, a in enumerate(actions):
+        if a.kind is Kind.BACKWARD:
+            last_backward[(a.replica, a.stage)] = index
+        elif a.kind is Kind.AVERAGE and a.peer is not None and (a.replica, a.stage) in last_backward:
+            points[last_backward[(a.replica, a.stage)]] = (a.replica, a.stage, a.peer)
+    return points

@@ -45,6 +45,7 @@ class Pipeline:
         comm: Comm,
         averaging: str = "gradient",
         num_microbatches: int = 1,
+        bucket_bytes: int | None = None,
     ) -> None:
         if averaging not in AVERAGING:
             raise CMPConfigError(f"averaging={averaging!r}; valid: {', '.join(map(repr, AVERAGING))}")
@@ -62,7 +63,8 @@ class Pipeline:
         self.forward_actions, self.backward_actions = split_phases(program)
         self.eval_actions = lower_forward_only(timetable, self.placement, num_microbatches)[comm.me]
         self.copies = self._build_copies()
-        self.executor = Executor(self.placement, comm, self.copies, Averager(comm, self.copies))
+        averager = Averager(comm, self.copies) if bucket_bytes is None else Averager(comm, self.copies, bucket_bytes)
+        self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
 
     @property
@@ -83,6 +85,7 @@ class Pipeline:
                 "the split module's input requires grad (trainable layers run before it); split the whole "
                 "model instead (module=None) or move those layers inside the split module"
             )
+        self._check_same_input(x)
         if not torch.is_grad_enabled():
             step = self._new_step(x, training=False)
             self.executor.run(self.eval_actions, step)
@@ -90,6 +93,23 @@ class Pipeline:
         anchor = torch.empty(0, requires_grad=True)
         out: Tensor = _PipelineFunction.apply(self, anchor, x)
         return out
+
+    def _check_same_input(self, x: Tensor) -> None:
+        """Every rank must be called with the same batch; a cheap fingerprint catches a sampler that differs."""
+        with torch.no_grad():
+            data = x.detach().double()
+            probe = torch.stack(
+                [torch.tensor(float(x.shape[0]), device=x.device, dtype=torch.float64), data.sum(), data.abs().sum()]
+            )
+        probes = self.comm.all_gather(probe.to(self.comm.device))
+        differ = [rank for rank, p in enumerate(probes) if not torch.equal(p, probes[0])]
+        if differ:
+            raise CMPConfigError(
+                f"rank(s) {differ} of the pipeline received a different batch than rank 0 (batch sizes "
+                f"{[int(p[0]) for p in probes]}): every worker of one pipeline must see the same batch, or inputs "
+                "and labels silently come from different samples. With Lightning keep use_distributed_sampler=True "
+                "(the default) or give every worker the same sampler and seed."
+            )
 
     # -- phases -----------------------------------------------------------------------------------------
     def _new_step(self, x: Tensor, training: bool) -> Step:
@@ -219,14 +239,16 @@ class Pipeline:
 
     def clip_grad_norm_(self, max_norm: float, extra: list[Tensor] | None = None) -> Tensor:
         """Clip each replica's gradients by its global 2-norm over all stages (a collective)."""
-        squares = torch.zeros(self.num_replicas, dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=self.comm.device)
+        squares = [zero] * self.num_replicas
         for (replica, _), c in self.copies.items():
             for p in c.parameters():
                 if p.grad is not None:
-                    squares[replica] += p.grad.detach().double().pow(2).sum().cpu()
+                    squares[replica] = squares[replica] + p.grad.detach().double().pow(2).sum()
         if extra and self.comm.me == 0:  # replicated parameters count once
-            squares += sum(g.detach().double().pow(2).sum().cpu() for g in extra)
-        norms = self.comm.all_reduce_sum(squares.to(self.comm.device)).cpu().sqrt()
+            shared = sum((g.detach().double().pow(2).sum() for g in extra), zero)
+            squares = [s + shared for s in squares]
+        norms = self.comm.all_reduce_sum(torch.stack(squares)).sqrt().cpu()
         for (replica, _), c in self.copies.items():
             coef = min(1.0, max_norm / (float(norms[replica]) + 1e-6))
             for p in c.parameters():

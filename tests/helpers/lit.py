@@ -27,7 +27,9 @@ class LitCNN(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        logits = self(x)
+        self.logits_dtype = logits.dtype
+        loss = F.cross_entropy(logits, y)
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         self.log("train_loss_sum", loss, reduce_fx="sum", sync_dist=True, on_step=False, on_epoch=True)
         return loss

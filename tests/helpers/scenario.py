@@ -26,8 +26,9 @@ class Recorder(Callback):
         self.losses: list[float] = []
         self.logged: list[float] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
         self.logged.append(float(trainer.callback_metrics["train_loss"]))
 
@@ -45,10 +46,18 @@ def trainer_for(cfg: dict, out: Path, epochs: int, recorder: Callback | None = N
     if recorder is not None:
         callbacks.append(recorder)
     return L.Trainer(
-        accelerator="cpu", devices=cfg["devices"], strategy=strategy, max_epochs=epochs, logger=False,
-        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-        accumulate_grad_batches=cfg.get("accumulate", 1), gradient_clip_val=cfg.get("clip"),
+        accelerator="cpu",
+        devices=cfg["devices"],
+        strategy=strategy,
+        max_epochs=epochs,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accumulate_grad_batches=cfg.get("accumulate", 1),
+        gradient_clip_val=cfg.get("clip"),
         num_sanity_val_steps=2,
+        precision=cfg.get("precision", "32-true"),
     )
 
 
@@ -64,6 +73,8 @@ def main() -> None:
         "logged": recorder.logged,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "threads": torch.get_num_threads(),
+        "logits_dtype": str(model.logits_dtype),
     }
     if cfg.get("evaluate"):
         result["validate"] = trainer.validate(model, loader(seed=2), verbose=False)

@@ -27,7 +27,9 @@ def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str
     model = build(model_name)
     chain = trace_chain(model)
     cuts = uniform_cuts(chain.num_blocks, world)
-    pipe = Pipeline(chain, cuts, schedule, Comm(list(range(world)), rank, torch.device("cpu")), averaging)
+    comm = Comm(list(range(world)), rank, torch.device("cpu"))
+    # Small buckets: ResNet-18's gradients go out in many pieces while its backward is still running.
+    pipe = Pipeline(chain, cuts, schedule, comm, averaging, bucket_bytes=256 << 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
     losses = []

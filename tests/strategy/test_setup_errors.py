@@ -1,0 +1,127 @@
+"""Bad set-ups fail before training, with a message that names the value and the fix."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import lightning_cmp
+from lightning_cmp import CMPConfigError, CMPStrategy, PartitionError
+from lightning_cmp.partition import trace_chain
+from tests.helpers.lit import LitCNN
+
+
+def test_strategy_names_are_registered_in_lightning() -> None:
+    for name, schedule in (("cmp", "cmp"), ("mp", "mp")):
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=name, logger=False)
+        assert isinstance(trainer.strategy, CMPStrategy)
+        assert trainer.strategy.schedule == schedule
+
+
+def test_strategy_names_are_registered_in_pytorch_lightning() -> None:
+    pl = pytest.importorskip("pytorch_lightning")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="cmp", logger=False)
+    assert isinstance(trainer.strategy, pl.strategies.ParallelStrategy)
+    assert type(trainer.strategy).__name__ == "CMPStrategy"
+    assert trainer.strategy.is_distributed
+
+
+def test_one_device_is_refused_at_construction() -> None:
+    with pytest.raises(CMPConfigError, match=r"the Trainer has 1 .*use devices=2 or more"):
+        L.Trainer(accelerator="cpu", devices=1, strategy="cmp")
+
+
+def test_num_stages_must_match_the_workers() -> None:
+    with pytest.raises(CMPConfigError, match=r"num_stages=3 but the Trainer has 2 workers.*devices=3 or num_stages=2"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=CMPStrategy(num_stages=3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"schedule": "cpm"}, r"unknown schedule 'cpm'; valid: 'cmp', 'mp'"),
+        ({"partition": "even"}, r"unknown partition 'even'; valid: 'balanced', 'uniform'"),
+        ({"averaging": "weights"}, r"unknown averaging 'weights'; valid: 'gradient', 'parameter'"),
+        ({"average_every": 0}, r"average_every=0; use a whole number of steps >= 1"),
+        ({"average_every": 4}, r"average_every=4 only applies to averaging='parameter'"),
+        ({"num_stages": 1}, r"num_stages=1; a pipeline needs at least 2 stages"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(CMPConfigError, match=message):
+        CMPStrategy(**kwargs)
+
+
+def _setup(model: L.LightningModule, devices: int = 2, **strategy_kwargs: object) -> None:
+    """Run the strategy's set-up checks in this process (they happen before any collective)."""
+    strategy = CMPStrategy(**strategy_kwargs)  # type: ignore[arg-type]
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, max_epochs=1)
+    trainer.state.fn = L.pytorch.trainer.states.TrainerFn.FITTING
+    model.trainer = trainer
+    strategy.connect(model)
+    strategy._lightning_module = model
+    strategy.setup(trainer)
+
+
+class Manual(LitCNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class TwoOptimizers(LitCNN):
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.net[:2].parameters(), lr=0.1), torch.optim.SGD(self.net[2:].parameters(), lr=0.1)
+
+
+class DataDependent(LitCNN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.net(x)
+        return self.net(-x)
+
+
+class Tiny(LitCNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(768, 10))
+
+
+def test_manual_optimization_is_refused() -> None:
+    with pytest.raises(CMPConfigError, match=r"Manual.automatic_optimization is False.*strategy='ddp'"):
+        _setup(Manual())
+
+
+def test_several_optimizers_are_refused() -> None:
+    # Lightning's own set-up error: several optimizers need manual optimization, which cmp refuses above.
+    with pytest.raises(RuntimeError, match=r"multiple optimizers is only supported with manual optimization"):
+        _setup(TwoOptimizers())
+
+
+def test_untraceable_model_names_the_module_and_the_fixes() -> None:
+    with pytest.raises(PartitionError, match=r"DataDependent(.|\n)*module="):
+        _setup(DataDependent())
+
+
+def test_more_stages_than_blocks() -> None:
+    assert trace_chain(Tiny()).num_blocks == 2
+    with pytest.raises(PartitionError, match=r"num_stages=3 but the model has only 2 blocks.*num_stages<=2"):
+        _setup(Tiny(), devices=3)  # fails at set-up, before the first batch
+
+
+def test_explicit_cuts_are_checked_at_setup() -> None:
+    with pytest.raises(
+        PartitionError, match=r"cut 14 is out of range: the model has 8 blocks, so cuts must lie in 1\.\.7"
+    ):
+        _setup(LitCNN(), partition=[14])
+
+
+def test_module_name_must_exist() -> None:
+    with pytest.raises(CMPConfigError, match=r"module='body'.*LitCNN has no submodule 'body'.*'net'"):
+        _setup(LitCNN(), module="body")
+
+
+def test_package_exports() -> None:
+    assert lightning_cmp.CMPStrategy is CMPStrategy
