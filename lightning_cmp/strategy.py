@@ -58,6 +58,7 @@ class CMPStrategy(ParallelStrategy):
             ``average_every`` steps and whenever the model is evaluated, saved or returned).
         average_every: steps between parameter averages (``averaging="parameter"`` only).
         module: dotted name of the submodule to split; ``None`` splits the LightningModule's ``forward``.
+        num_microbatches: microbatches per replica and step (``None``: the schedule's default, 1 for cmp/mp).
 
     Example::
 
@@ -78,6 +79,7 @@ class CMPStrategy(ParallelStrategy):
         averaging: str = "gradient",
         average_every: int = 1,
         module: str | None = None,
+        num_microbatches: int | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -95,6 +97,9 @@ class CMPStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
         _check_arguments(num_stages, schedule, partition, averaging, average_every)
+        if num_microbatches is not None and num_microbatches < 1:
+            raise CMPConfigError(f"num_microbatches={num_microbatches}; use a whole number >= 1 (or None)")
+        self.num_microbatches = num_microbatches or get_schedule(schedule).default_microbatches
         self.num_stages = num_stages
         self.schedule = schedule
         self.partition = partition if isinstance(partition, str) else [int(c) for c in partition]
@@ -261,7 +266,7 @@ class CMPStrategy(ParallelStrategy):
         comm = Comm(list(range(world)), self.global_rank, self.root_device)
         cuts = comm.broadcast_object(cuts, 0)
         log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, cuts)
-        pipeline = Pipeline(self._chain, cuts, self.schedule, comm, self.averaging)
+        pipeline = Pipeline(self._chain, cuts, self.schedule, comm, self.averaging, self.num_microbatches)
         names = {id(p): n for n, p in self._chain.root.named_parameters()}
         self._layouts = [OptimizerLayout(_unwrap(opt), names) for opt in self.optimizers]
         for layout in self._layouts:

@@ -23,6 +23,7 @@ class ScheduleSpec:
     build: Schedule
     num_replicas: int
     description: str
+    default_microbatches: int = 1
 
     def placement(self, num_stages: int) -> Placement:
         """The placement this schedule runs on with ``num_stages`` ranks."""
