@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "batches", "build", "train_reference"]
+__all__ = ["MODELS", "batches", "build", "train_reference", "train_steps"]
 
 
 def sequential_cnn() -> nn.Module:
@@ -61,15 +63,27 @@ def batches(steps: int, batch_size: int = 8, size: int = 16) -> list[tuple[Tenso
     ]
 
 
+def train_steps(
+    forward: Callable[[Tensor], Tensor],
+    optimizer: torch.optim.Optimizer,
+    data: list[tuple[Tensor, Tensor]],
+    after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Cross-entropy SGD steps over ``data``; returns the losses. ``forward`` is a model or a pipeline."""
+    losses = []
+    for x, y in data:
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+    return losses
+
+
 def train_reference(name: str, steps: int, lr: float = 0.05) -> tuple[dict[str, Tensor], list[float]]:
     """Single-process SGD with momentum on the same batches: the ground truth for every schedule."""
     model = build(name)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    losses = []
-    for x, y in batches(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), batches(steps))
     return {k: v.clone() for k, v in model.state_dict().items()}, losses

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lightning_cmp.errors import CMPConfigError
 from lightning_cmp.partition import trace_chain
@@ -20,35 +23,32 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in SIZES]
 
 
+def _train_and_evaluate(forward: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    """One SGD step per batch, each followed by a no-grad forward on a smaller slice of it."""
+    losses, evals = [], []
+    for x, y in _data():
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        with torch.no_grad():
+            evals.append(forward(x[: max(1, len(x) // 2)]))
+    return {"losses": losses, "evals": evals}
+
+
 def _run(rank: int, world: int, schedule: str) -> dict:
     model = build("sequential")
     pipe = Pipeline(trace_chain(model), [3], schedule, Comm(list(range(world)), rank, torch.device("cpu")))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
-    losses, evals = [], []
-    for x, y in _data():
-        loss = F.cross_entropy(pipe(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        with torch.no_grad():
-            evals.append(pipe(x[: max(1, len(x) // 2)]))
-    return {"losses": losses, "evals": evals, "state": pipe.full_state_dict()}
+    return {**_train_and_evaluate(pipe, opt), "state": pipe.full_state_dict()}
 
 
 def test_changing_batch_sizes_match_single_process() -> None:
     model = build("sequential")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ref_losses, ref_evals = [], []
-    for x, y in _data():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ref_losses.append(loss.item())
-        with torch.no_grad():
-            ref_evals.append(model(x[: max(1, len(x) // 2)]))
+    ref = _train_and_evaluate(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_losses, ref_evals = ref["losses"], ref["evals"]
     for schedule in ("cmp", "mp"):
         for got in run_workers(_run, 2, timeout=120, schedule=schedule):
             assert got["losses"] == pytest.approx(ref_losses, rel=1e-5)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_cmp.partition import trace_chain, uniform_cuts
 from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
 from tests.helpers.launch import run_workers
-from tests.helpers.models import batches, build, train_reference
+from tests.helpers.models import batches, build, train_reference, train_steps
 
 STEPS = 5
 CASES = [
@@ -32,15 +31,8 @@ def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str
     pipe = Pipeline(chain, cuts, schedule, comm, averaging, bucket_bytes=256 << 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
-    losses = []
-    for x, y in batches(STEPS):
-        loss = F.cross_entropy(pipe(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if averaging == "parameter":
-            pipe.average_parameters()
-        losses.append(loss.item())
+    after_step = pipe.average_parameters if averaging == "parameter" else None
+    losses = train_steps(pipe, opt, batches(STEPS), after_step)
     # Both copies of every stage must be bitwise identical under gradient averaging.
     mine = {(c.replica, n): t.detach().clone() for c in pipe.copies.values() for n, t in c.module.state_dict().items()}
     every = {}
