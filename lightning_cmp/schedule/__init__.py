@@ -2,6 +2,7 @@
 
 from lightning_cmp.schedule.action import REPLICA_NAMES, Action, Kind
 from lightning_cmp.schedule.cmp import cmp
+from lightning_cmp.schedule.gpipe import gpipe
 from lightning_cmp.schedule.lower import Program, lower, lower_forward_only, split_phases
 from lightning_cmp.schedule.mp import mp
 from lightning_cmp.schedule.placement import Placement
@@ -28,6 +29,7 @@ __all__ = [
     "build_timetable",
     "cmp",
     "get_schedule",
+    "gpipe",
     "lower",
     "lower_forward_only",
     "mp",

@@ -8,6 +8,7 @@ from types import MappingProxyType
 
 from lightning_cmp.errors import unknown_name
 from lightning_cmp.schedule.cmp import cmp
+from lightning_cmp.schedule.gpipe import gpipe
 from lightning_cmp.schedule.mp import mp
 from lightning_cmp.schedule.placement import Placement
 from lightning_cmp.schedule.timetable import Schedule
@@ -37,6 +38,9 @@ SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType(
         for spec in (
             ScheduleSpec("mp", mp, 1, "plain model parallelism: one replica, one rank busy at a time"),
             ScheduleSpec("cmp", cmp, 2, "cross model parallelism: two replicas, the second placed in reverse"),
+            ScheduleSpec(
+                "gpipe", gpipe, 1, "GPipe: one replica, M microbatches, fill then drain", default_microbatches=4
+            ),
         )
     }
 )
