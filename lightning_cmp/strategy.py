@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -10,7 +14,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
@@ -20,7 +23,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
@@ -29,14 +32,20 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.errors import CMPConfigError, unknown_name
 from lightning_cmp.partition import PARTITION_POLICIES, Chain, profile_blocks, resolve_cuts, trace_chain
-from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
+from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, PeerLostError, Pipeline
+from lightning_cmp.runtime.liveness import is_running
+from lightning_cmp.runtime.trace import write_trace
 from lightning_cmp.schedule import SCHEDULES, get_schedule
 
 __all__ = ["CMPStrategy"]
 
 log = logging.getLogger(__name__)
+
+# A killed peer usually fails a gloo call at once; this bounds the wait on a hung one (torch's default: 30 min).
+DEFAULT_TIMEOUT = timedelta(seconds=120)
 
 
 class CMPStrategy(ParallelStrategy):
@@ -50,7 +59,8 @@ class CMPStrategy(ParallelStrategy):
 
     Args:
         num_stages: stages the model is cut into; defaults to the number of workers (must equal it for now).
-        schedule: ``"cmp"`` (two reversed replicas) or ``"mp"`` (plain model parallel baseline).
+        schedule: ``"cmp"`` (two reversed replicas), ``"mp"`` (plain model parallel baseline) or ``"gpipe"``
+            (one replica, ``num_microbatches`` microbatches, fill then drain).
         partition: ``"balanced"`` (profile blocks on the first batch, minimise the slowest stage),
             ``"uniform"`` (equal block counts) or explicit cut indices (first block of stages 1..K-1).
         averaging: ``"gradient"`` (sum the copies' gradients every step; equals single-device training) or
@@ -59,6 +69,13 @@ class CMPStrategy(ParallelStrategy):
         average_every: steps between parameter averages (``averaging="parameter"`` only).
         module: dotted name of the submodule to split; ``None`` splits the LightningModule's ``forward``.
         num_microbatches: microbatches per replica and step (``None``: the schedule's default, 1 for cmp/mp).
+        trace: path of a Chrome/Perfetto trace (JSON) of every rank's actions, written by rank 0 at the end
+            of a successful run (``None``: no trace). Open it in https://ui.perfetto.dev.
+        timeout: how long a worker waits for a peer that stopped answering before it fails with an error
+            naming that peer's rank (default 120 s; a dead peer is noticed at once). Raise it when one step,
+            the first-batch profiling or writing a checkpoint can keep the other workers waiting longer.
+        checkpoint_io: defaults to :class:`~lightning_cmp.checkpoint_io.AtomicCheckpointIO` (a crash while
+            saving keeps the previous file).
 
     Example::
 
@@ -80,26 +97,28 @@ class CMPStrategy(ParallelStrategy):
         average_every: int = 1,
         module: str | None = None,
         num_microbatches: int | None = None,
+        trace: str | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
         )
         _check_arguments(num_stages, schedule, partition, averaging, average_every)
         if num_microbatches is not None and num_microbatches < 1:
             raise CMPConfigError(f"num_microbatches={num_microbatches}; use a whole number >= 1 (or None)")
         self.num_microbatches = num_microbatches or get_schedule(schedule).default_microbatches
+        self.trace = trace
         self.num_stages = num_stages
         self.schedule = schedule
         self.partition = partition if isinstance(partition, str) else [int(c) for c in partition]
@@ -115,6 +134,7 @@ class CMPStrategy(ParallelStrategy):
         self._layouts: list[OptimizerLayout] = []
         self._optimizer_steps = 0
         self._failed = False
+        self._peers_lost = False
         self._metric_sync: dict[nn.Module, bool] = {}
 
     # -- what Lightning asks of a parallel strategy -----------------------------------------------------
@@ -199,6 +219,7 @@ class CMPStrategy(ParallelStrategy):
                 f"strategy={self.schedule!r} runs the backward itself and supports automatic optimization only; "
                 f"{type(module).__name__}.automatic_optimization is False: remove it or use strategy='ddp'"
             )
+        _check_precision(self.precision_plugin, self.schedule)
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -243,6 +264,12 @@ class CMPStrategy(ParallelStrategy):
 
     # -- the pipeline, built on the first batch ----------------------------------------------------------
     def _forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not isinstance(x, Tensor):  # refused on every rank alike, before any message is exchanged
+            raise CMPConfigError(
+                f"the split module was called with a {type(x).__name__}; lightning_cmp pipelines take one tensor: "
+                "unpack the batch in training_step (e.g. self(batch['image'])) or pass module='<submodule>' "
+                "naming a submodule called with a tensor"
+            )
         if args or kwargs:
             raise CMPConfigError(
                 f"the split module was called with {len(args) + 1} positional and {len(kwargs)} keyword "
@@ -252,6 +279,8 @@ class CMPStrategy(ParallelStrategy):
         if self._pipeline is None:
             with torch.inference_mode(False), torch.no_grad():
                 self._pipeline = self._build_pipeline(x)
+            if self.trace is not None:
+                self._pipeline.executor.timings = []
         return self._pipeline(x)
 
     def _build_pipeline(self, x: Tensor) -> Pipeline:
@@ -379,10 +408,18 @@ class CMPStrategy(ParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
+        # Peers lost (dead or hung): workers this process started may never exit on their own.
+        self._peers_lost = isinstance(exception, PeerLostError | dist.DistBackendError)
+        if self._peers_lost:  # now: Lightning's process observer may kill this process before it prints
+            log.error("[rank %d] %s: %s", self.global_rank, type(exception).__name__, exception)
 
     @override
     def teardown(self) -> None:
         if self._pipeline is not None and not self._failed:
+            if self.trace is not None:  # a collective: every rank's timings, written once by rank 0
+                every = self._pipeline.comm.all_gather_object(self._pipeline.executor.timings or [])
+                if self.global_rank == 0:
+                    write_trace(self.trace, every)
             self._average_parameters()
             self._pipeline.restore_full_module()
             for layout in self._layouts:
@@ -390,6 +427,8 @@ class CMPStrategy(ParallelStrategy):
         self._unpatch()
         self._pipeline, self._chain, self._target, self._layouts = None, None, None, []
         super().teardown()
+        if self._peers_lost and isinstance(self._launcher, _SubprocessScriptLauncher):
+            _stop_children(self._launcher)
 
     @classmethod
     @override
@@ -406,6 +445,34 @@ def _submodule(module: LightningModule, name: str) -> nn.Module:
         raise CMPConfigError(
             f"module={name!r}: {type(module).__name__} has no submodule {name!r}; its children are {children}"
         ) from None
+
+
+def _stop_children(launcher: _SubprocessScriptLauncher, grace_s: float = 10.0) -> None:
+    """After a failure, give the workers this process started ``grace_s`` to report their own errors and exit,
+    then kill the rest: a hung worker would otherwise outlive the job (Lightning kills them only on Ctrl-C)."""
+    deadline = time.monotonic() + grace_s
+    for proc in launcher.procs:
+        if not is_running(proc.pid):  # stopped (hung in a debugger, SIGSTOP): it will not exit by itself
+            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    alive = [proc for proc in launcher.procs if proc.poll() is None]
+    if alive:
+        pids = [proc.pid for proc in alive]
+        log.warning("lightning_cmp: killing worker processes %s, still there after the failure", pids)
+        launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+        for proc in alive:
+            proc.wait()
+
+
+def _check_precision(plugin: Precision, schedule: str) -> None:
+    # Exact types: FSDP, DeepSpeed, bitsandbytes and Transformer Engine plugins subclass these but shard,
+    # quantize or replace layers in ways a split model does not expect.
+    if type(plugin) not in (Precision, MixedPrecision, HalfPrecision, DoublePrecision):
+        raise CMPConfigError(
+            f"strategy={schedule!r} does not support the {type(plugin).__name__} precision plugin; use precision="
+            "'32-true', '64-true', '16-true', 'bf16-true', '16-mixed' or 'bf16-mixed'"
+        )
 
 
 def _unwrap(optimizer: Any) -> Optimizer:

@@ -20,6 +20,9 @@ LIGHTNING_ALLOWED = (
     "models/",
     "callbacks.py",
     "quickstart.py",
+    "cli.py",
+    "checkpoint_io.py",
+    "soak.py",
 )
 TORCH = {"torch", "torchvision", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics"}
 LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}

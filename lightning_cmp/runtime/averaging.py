@@ -78,7 +78,7 @@ class Averager:
     def __init__(self, comm: Comm, copies: dict[tuple[int, int], StageCopy], bucket_bytes: int = _BUCKET_BYTES) -> None:
         self.comm = comm
         self.copies = copies
-        self._pending: list[tuple[list[Any], Callable[[], None]]] = []
+        self._pending: list[tuple[list[Any], int, Callable[[], None]]] = []  # (works, peer, finish)
         self._buckets: dict[tuple[int, int], list[_Bucket]] = {}
         self._where: dict[int, tuple[tuple[int, int], int]] = {}
         self._armed: dict[tuple[int, int], int] = {}
@@ -147,9 +147,8 @@ class Averager:
         self._exchange(stage, tensors, _average, peer, channel=0)
 
     def wait(self) -> None:
-        for works, finish in self._pending:
-            for work in works:
-                work.wait()
+        for works, peer, finish in self._pending:
+            self.comm.wait(works, peer)
             finish()
         self._pending.clear()
 
@@ -174,7 +173,7 @@ class Averager:
                 combine(send, recv)
             unflatten_into({dtype: send for dtype, (send, _) in flats.items()}, tensors)
 
-        self._pending.append((works, finish))
+        self._pending.append((works, peer, finish))
 
     def _flat_buffers(self, key: tuple[int, int], tensors: list[Tensor]) -> dict[torch.dtype, tuple[Tensor, Tensor]]:
         """Persistent (send, receive) buffers per dtype for ``key``, with ``tensors`` copied into the send one."""

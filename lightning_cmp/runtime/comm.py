@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "message_tag"]
+from lightning_cmp.runtime.liveness import Processes, blame, this_process
+
+__all__ = ["Comm", "PeerLostError", "message_tag"]
 
 # Every dtype a stage may exchange; the header carries the index into this tuple.
 _DTYPES = (
@@ -24,6 +27,26 @@ _DTYPES = (
 )
 _MAX_DIMS = 8
 _HEADER_LEN = 2 + _MAX_DIMS  # dtype index, ndim, sizes
+
+
+class PeerLostError(RuntimeError):
+    """A peer rank died or stopped answering; the message names it, so the failure is found on its own log."""
+
+
+@contextmanager
+def _talking_to(me: int, peers: Sequence[int], processes: Processes) -> Iterator[None]:
+    """Re-raise a failed ``torch.distributed`` call naming the rank(s) that stopped answering."""
+    try:
+        yield
+    except PeerLostError:
+        raise
+    except RuntimeError as err:  # DistBackendError and gloo's connection errors are RuntimeErrors
+        suspects = blame(me, peers, processes)
+        who = f"rank {suspects[0]}" if len(suspects) == 1 else f"one of ranks {suspects}"
+        raise PeerLostError(
+            f"{who} (peer of rank {me}) stopped answering: {err}. That worker died, raised or hung: its own "
+            "error is in its log; a hung worker is given up after CMPStrategy(timeout=...) (default 120 s)"
+        ) from err
 
 
 def message_tag(kind: int, replica: int, stage: int, microbatch: int) -> int:
@@ -65,34 +88,55 @@ class Comm:
         self.me = me
         self.device = device
         self.group = group
-        self._pending: list[Any] = []
+        self._pending: list[tuple[Any, int]] = []  # (work, group position of the peer)
         self._keep_alive: list[Tensor] = []  # sent tensors must outlive their sends
+        self.processes: Processes = {}  # filled by gather_processes: names the rank that died first
+
+    def gather_processes(self) -> None:
+        """Learn every rank's host and pid (a collective), so a failure can name the rank that died."""
+        with self._with():
+            self.processes = dict(zip(self.ranks, self.all_gather_object(this_process()), strict=True))
 
     @property
     def size(self) -> int:
         return len(self.ranks)
 
+    def _with(self, peer: int | None = None) -> AbstractContextManager[None]:
+        """Errors of the call inside name group position ``peer`` (or every other rank for a collective)."""
+        me = self.ranks[self.me]
+        peers = [self.ranks[peer]] if peer is not None else [r for r in self.ranks if r != me]
+        return _talking_to(me, peers, self.processes)
+
     def send(self, tensor: Tensor, peer: int, tag: int) -> None:
         """Start sending ``tensor`` (header first) to group position ``peer``."""
         tensor = tensor.detach().contiguous()
         dst = self.ranks[peer]
-        self._pending.append(dist.isend(_header(tensor), dst, group=self.group, tag=tag))
-        self._pending.append(dist.isend(tensor, dst, group=self.group, tag=tag))
+        with self._with(peer):
+            self._pending.append((dist.isend(_header(tensor), dst, group=self.group, tag=tag), peer))
+            self._pending.append((dist.isend(tensor, dst, group=self.group, tag=tag), peer))
         self._keep_alive.append(tensor)
 
     def recv(self, peer: int, tag: int) -> Tensor:
         """Receive the next tensor sent by group position ``peer`` with ``tag``."""
         src = self.ranks[peer]
         head = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.recv(head, src, group=self.group, tag=tag)
-        out = _empty_from_header(head, self.device)
-        dist.recv(out, src, group=self.group, tag=tag)
+        with self._with(peer):
+            dist.recv(head, src, group=self.group, tag=tag)
+            out = _empty_from_header(head, self.device)
+            dist.recv(out, src, group=self.group, tag=tag)
         return out
 
     def exchange_into(self, tensor: Tensor, out: Tensor, peer: int, tag: int) -> list[Any]:
         """Start sending ``tensor`` to ``peer`` while receiving its same-shaped tensor into ``out``."""
         dst = self.ranks[peer]
-        return [dist.isend(tensor, dst, group=self.group, tag=tag), dist.irecv(out, dst, group=self.group, tag=tag)]
+        with self._with(peer):
+            return [dist.isend(tensor, dst, group=self.group, tag=tag), dist.irecv(out, dst, group=self.group, tag=tag)]
+
+    def wait(self, works: Sequence[Any], peer: int) -> None:
+        """Wait for ``works`` exchanged with group position ``peer``."""
+        with self._with(peer):
+            for work in works:
+                work.wait()
 
     def broadcast(self, tensor: Tensor | None, src: int) -> Tensor:
         """Every rank gets ``tensor`` from group position ``src`` (``tensor`` is ignored elsewhere)."""
@@ -100,18 +144,21 @@ class Comm:
         if src == self.me:
             assert tensor is not None
             tensor = tensor.detach().contiguous()
-            dist.broadcast(_header(tensor), root, group=self.group)
-            dist.broadcast(tensor, root, group=self.group)
+            with self._with():
+                dist.broadcast(_header(tensor), root, group=self.group)
+                dist.broadcast(tensor, root, group=self.group)
             return tensor
         head = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.broadcast(head, root, group=self.group)
-        out = _empty_from_header(head, self.device)
-        dist.broadcast(out, root, group=self.group)
+        with self._with():
+            dist.broadcast(head, root, group=self.group)
+            out = _empty_from_header(head, self.device)
+            dist.broadcast(out, root, group=self.group)
         return out
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         if self.size > 1:
-            dist.all_reduce(tensor, group=self.group)
+            with self._with():
+                dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
@@ -119,26 +166,30 @@ class Comm:
         if self.size == 1:
             return [tensor]
         out = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(out, tensor.contiguous(), group=self.group)
+        with self._with():
+            dist.all_gather(out, tensor.contiguous(), group=self.group)
         return out
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if self.size == 1:
             return [obj]
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.group)
+        with self._with():
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def broadcast_object(self, obj: Any, src: int) -> Any:
         if self.size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, self.ranks[src], group=self.group)
+        with self._with():
+            dist.broadcast_object_list(box, self.ranks[src], group=self.group)
         return box[0]
 
     def wait_sends(self) -> None:
         """Block until every send started since the last call has completed."""
-        for work in self._pending:
-            work.wait()
+        for work, peer in self._pending:
+            with self._with(peer):
+                work.wait()
         self._pending.clear()
         self._keep_alive.clear()

@@ -63,6 +63,7 @@ class Pipeline:
         self.forward_actions, self.backward_actions = split_phases(program)
         self.eval_actions = lower_forward_only(timetable, self.placement, num_microbatches)[comm.me]
         self.copies = self._build_copies()
+        comm.gather_processes()
         averager = Averager(comm, self.copies) if bucket_bytes is None else Averager(comm, self.copies, bucket_bytes)
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
@@ -102,7 +103,10 @@ class Pipeline:
                 [torch.tensor(float(x.shape[0]), device=x.device, dtype=torch.float64), data.sum(), data.abs().sum()]
             )
         probes = self.comm.all_gather(probe.to(self.comm.device))
-        differ = [rank for rank, p in enumerate(probes) if not torch.equal(p, probes[0])]
+        # NaN-aware: a batch holding NaN (a corrupt sample) is still the same batch on every rank
+        differ = [
+            rank for rank, p in enumerate(probes) if not ((p == probes[0]) | (p.isnan() & probes[0].isnan())).all()
+        ]
         if differ:
             raise CMPConfigError(
                 f"rank(s) {differ} of the pipeline received a different batch than rank 0 (batch sizes "
@@ -125,7 +129,18 @@ class Pipeline:
 
     def run_forward(self, x: Tensor) -> tuple[Tensor, Step]:
         step = self._new_step(x, training=True)
-        self.executor.run(self.forward_actions, step)
+        try:
+            self.executor.run(self.forward_actions, step)
+        except ValueError as err:
+            if "Expected more than 1 value per channel" not in str(err):
+                raise
+            sizes = [int(part.shape[0]) for _, part in sorted(step.inputs.items())]
+            raise CMPConfigError(
+                f"a batch of {x.shape[0]} samples is split into microbatches of {sizes} samples ({self.num_replicas} "
+                f"replica(s) x {self.num_microbatches} microbatch(es)) and a BatchNorm layer in training mode cannot "
+                f"train on 1 value per channel (torch: {err}); use DataLoader(drop_last=True) to skip a short last "
+                f"batch, or batches of at least {2 * self.num_replicas * self.num_microbatches} samples"
+            ) from err
         return self._assemble(step), step
 
     def run_backward(self, step: Step, grad: Tensor) -> None:

@@ -38,6 +38,8 @@ def trainer_for(cfg: dict, out: Path, epochs: int, recorder: Callback | None = N
         schedule=cfg.get("schedule", "cmp"),
         averaging=cfg.get("averaging", "gradient"),
         partition=cfg.get("partition", "uniform"),
+        num_microbatches=cfg.get("num_microbatches"),
+        trace=cfg.get("trace"),
     )
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=out / "ckpt", monitor="val_loss", save_last=True, save_top_k=1),

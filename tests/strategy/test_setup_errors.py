@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from torch import nn
 
 import lightning_cmp
@@ -33,15 +34,29 @@ def test_one_device_is_refused_at_construction() -> None:
         L.Trainer(accelerator="cpu", devices=1, strategy="cmp")
 
 
-def test_num_stages_must_match_the_workers() -> None:
-    with pytest.raises(CMPConfigError, match=r"num_stages=3 but the Trainer has 2 workers.*devices=3 or num_stages=2"):
-        L.Trainer(accelerator="cpu", devices=2, strategy=CMPStrategy(num_stages=3))
+@pytest.mark.parametrize(("num_stages", "devices"), [(3, 2), (2, 3), (2, 4)])
+def test_num_stages_must_match_the_workers(num_stages: int, devices: int) -> None:
+    # too few workers to hold the stages, and more workers than stages (even a multiple: no data parallelism yet)
+    message = (
+        rf"num_stages={num_stages} but the Trainer has {devices} workers \(devices x num_nodes\); one pipeline uses "
+        rf"one worker per stage and data-parallel groups are not supported yet: use devices={num_stages} or "
+        rf"num_stages={devices}"
+    )
+    with pytest.raises(CMPConfigError, match=message):
+        L.Trainer(accelerator="cpu", devices=devices, strategy=CMPStrategy(num_stages=num_stages))
+
+
+def test_unknown_strategy_name_is_lightnings_error() -> None:
+    # Lightning owns this message; "cmp" and "mp" are listed by StrategyRegistry.available_strategies().
+    with pytest.raises(ValueError, match=r"invalid strategy name: `strategy='cmpp'`"):
+        L.Trainer(accelerator="cpu", devices=2, strategy="cmpp")
+    assert {"cmp", "mp"} <= set(L.pytorch.strategies.StrategyRegistry.available_strategies())
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"schedule": "cpm"}, r"unknown schedule 'cpm'; valid: 'cmp', 'mp'"),
+        ({"schedule": "cpm"}, r"unknown schedule 'cpm'; valid: 'cmp', (.*, )?'mp'"),
         ({"partition": "even"}, r"unknown partition 'even'; valid: 'balanced', 'uniform'"),
         ({"averaging": "weights"}, r"unknown averaging 'weights'; valid: 'gradient', 'parameter'"),
         ({"average_every": 0}, r"average_every=0; use a whole number of steps >= 1"),
@@ -116,6 +131,55 @@ def test_explicit_cuts_are_checked_at_setup() -> None:
         PartitionError, match=r"cut 14 is out of range: the model has 8 blocks, so cuts must lie in 1\.\.7"
     ):
         _setup(LitCNN(), partition=[14])
+
+
+@pytest.mark.parametrize(
+    ("cuts", "message"),
+    [
+        ([5, 2, 7], r"partition=\[5, 2, 7\] gives 4 stages but num_stages=3; give 2 cut indices"),
+        ([5, 2], r"partition=\[5, 2\] must be strictly increasing .*sort it and drop duplicates"),
+        ([3, 3], r"partition=\[3, 3\] must be strictly increasing"),
+        ([0, 4], r"cut 0 is out of range: the model has 8 blocks, so cuts must lie in 1\.\.7"),
+    ],
+)
+def test_bad_cut_lists_are_refused_at_setup(cuts: list[int], message: str) -> None:
+    with pytest.raises(PartitionError, match=message):
+        _setup(LitCNN(), devices=3, partition=cuts)
+
+
+class TupleOutput(LitCNN):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self.net(x), x.mean()
+
+
+def test_tuple_outputs_are_refused_at_setup_with_the_fix() -> None:
+    with pytest.raises(PartitionError, match=r"TupleOutput.forward returns a tuple.*module='<submodule>'.*'net'"):
+        _setup(TupleOutput())
+    _setup(TupleOutput(), module="net")  # splitting the submodule that returns one tensor works
+
+
+def test_non_tensor_inputs_are_refused_before_any_message() -> None:
+    model = LitCNN()
+    _setup(model)
+    with pytest.raises(CMPConfigError, match=r"called with a dict; .*unpack the batch in training_step"):
+        model({"image": torch.randn(2, 3, 16, 16)})
+
+
+def test_unsupported_precision_is_refused_at_setup() -> None:
+    class QuantizingPrecision(Precision):  # stands in for bitsandbytes / Transformer Engine (CUDA only)
+        pass
+
+    with pytest.raises(CMPConfigError, match=r"does not support the QuantizingPrecision precision plugin; use"):
+        _setup_strategy(LitCNN(), CMPStrategy(precision_plugin=QuantizingPrecision()))
+
+
+def _setup_strategy(model: L.LightningModule, strategy: CMPStrategy) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, max_epochs=1)
+    trainer.state.fn = L.pytorch.trainer.states.TrainerFn.FITTING
+    model.trainer = trainer
+    strategy.connect(model)
+    strategy._lightning_module = model
+    strategy.setup(trainer)
 
 
 def test_module_name_must_exist() -> None:

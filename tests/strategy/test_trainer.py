@@ -108,6 +108,20 @@ def test_cmp_fit_validate_test_predict_checkpoint_resume(tmp_path: Path) -> None
         assert_states_close(rank["resumed_state"], ref3.state_dict())
 
 
+def test_gpipe_equals_single_device_and_writes_a_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "run.json"
+    ranks = launch(tmp_path, devices=2, epochs=1, schedule="gpipe", trace=str(trace))
+    ref_model, _, ref_losses = single_device(1)
+    for rank in ranks:
+        assert rank["losses"] == pytest.approx(ref_losses, rel=1e-5)
+        assert_states_close(rank["state"], ref_model.state_dict())
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in events} == {0, 1}
+    assert {e["cat"] for e in events} >= {"forward", "backward", "communication", "wait"}
+    # four microbatches (GPipe's default) of each stage forward per training step
+    assert any(e["name"] == "F.A1.m3" for e in events if e["pid"] == 1)
+
+
 @pytest.mark.parametrize(
     ("devices", "schedule", "averaging"),
     [(3, "cmp", "gradient"), (2, "mp", "gradient"), (2, "cmp", "parameter")],

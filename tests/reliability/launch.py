@@ -1,0 +1,64 @@
+"""Start a scenario in its own session and watch every process of it until the last one is gone."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    log: str
+    gone_at: float  # time.time() when no process of the session was left
+    leftovers: list[int]  # pids still alive (then killed) after the deadline
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    """Every process of session ``sid``, zombies included (a zombie is a leftover too)."""
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid:
+                pids.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def launch(module: str, cfg: dict, deadline: float = 240) -> Outcome:
+    """Run ``python -m module '<cfg>'`` like a user's script; Lightning starts the other ranks from it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    log = Path(cfg["out"]) / "launch.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, json.dumps(cfg)],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        end = time.time() + deadline
+        try:
+            returncode = proc.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            returncode = -999
+        while session_pids(proc.pid) and time.time() < end:
+            time.sleep(0.2)
+        gone_at = time.time()
+        leftovers = session_pids(proc.pid)
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    return Outcome(returncode, log.read_text(), gone_at, leftovers)

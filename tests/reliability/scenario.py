@@ -1,0 +1,169 @@
+"""Runs that fail on purpose: ``python -m tests.reliability.scenario '<json config>'``.
+
+Every rank writes ``<out>/rank<r>.pt`` (final state per successful run) and, when a run fails,
+``<out>/rank<r>-<run name>.json`` (``error``: the exception's type and message, ``t``: when it was caught).
+Config keys (all optional except ``out``, ``devices`` and ``runs``):
+
+- ``runs``: a list of fits done one after the other in this launch, each a dict with ``name``, ``averaging``,
+  ``epochs``, ``resume`` (a run name whose ``last.ckpt`` to resume from) and the keys below;
+- ``kill``: ``{"rank": r, "epoch": e, "batch": b, "how": h}`` at that batch's start, ``h`` one of
+  ``"sigkill"``, ``"sigstop"`` (hung), ``"raise"``, ``"killpg"`` (the whole job);
+- ``nan_step``: from this global step on the module feeds NaN inputs; ``detect_anomaly`` is passed to the Trainer;
+- ``same_data``: false gives every rank its own shuffled sampler with ``use_distributed_sampler=False``;
+- ``dict_batch``: batches are nested dicts (with a string field) that ``training_step`` unpacks;
+- ``expect_error``: go on with the next run when this one fails (on every rank alike);
+- ``timeout`` (top level): ``CMPStrategy(timeout=...)`` in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+import lightning_cmp
+from tests.helpers.lit import LitCNN, loader
+
+
+class NaNAfter(LitCNN):
+    """Feeds NaN inputs from global step ``nan_step`` on, like a corrupt sample would."""
+
+    def __init__(self, nan_step: int | None = None) -> None:
+        super().__init__()
+        self.nan_step = nan_step
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.nan_step is not None and self.global_step >= self.nan_step:
+            x = torch.full_like(x, float("nan"))
+        return super().training_step((x, y), batch_idx)
+
+
+class DictBatch(NaNAfter):
+    """A user's module whose batches are nested dicts: it unpacks them and calls the split model on a tensor."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:  # type: ignore[override]
+        return super().training_step((batch["image"], batch["target"]["label"]), batch_idx)
+
+
+class _DictDataset(TensorDataset):
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        x, y = super().__getitem__(index)
+        return {"image": x, "target": {"label": y}, "id": f"sample-{index}"}
+
+
+def dict_loader() -> DataLoader:
+    """``loader()``'s samples in the same order, as nested dicts with a non-tensor field."""
+    plain = loader()
+    ds = _DictDataset(*plain.dataset.tensors)  # type: ignore[attr-defined]
+    return DataLoader(ds, batch_size=8, sampler=plain.sampler)
+
+
+class Fault(Callback):
+    """Kills or fails one rank (or the whole process group) at the start of one batch."""
+
+    def __init__(self, rank: int, epoch: int, batch: int, how: str, out: Path) -> None:
+        self.rank, self.epoch, self.batch, self.how, self.out = rank, epoch, batch, how, out
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch != self.epoch or batch_idx != self.batch:
+            return
+        if self.how == "killpg":  # the whole job dies at once, as on a node failure
+            if trainer.global_rank == 0:
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            time.sleep(60)  # the other ranks wait to be killed rather than run ahead
+        if trainer.global_rank != self.rank:
+            return
+        (self.out / "fault.json").write_text(json.dumps({"rank": self.rank, "how": self.how, "t": time.time()}))
+        if self.how in ("sigkill", "sigstop"):  # dead, or alive but hung (never answers again)
+            os.kill(os.getpid(), signal.SIGKILL if self.how == "sigkill" else signal.SIGSTOP)
+        raise RuntimeError(f"injected failure on rank {self.rank}")
+
+
+class Copies(Callback):
+    """Each rank's stage copies at the end of training, keyed (replica, stage), to check they stay identical."""
+
+    def __init__(self) -> None:
+        self.copies: dict[str, dict[str, Tensor]] = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pipeline = trainer.strategy._pipeline  # type: ignore[attr-defined]
+        for (replica, stage), c in pipeline.copies.items():
+            self.copies[f"{replica},{stage}"] = {k: v.detach().clone() for k, v in c.module.state_dict().items()}
+
+
+def per_rank_loader(rank: int) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    ds = TensorDataset(torch.randn(40, 3, 16, 16, generator=g), torch.randint(0, 10, (40,), generator=g))
+    return DataLoader(ds, batch_size=8, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(rank)))
+
+
+def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
+    devices = cfg["devices"]
+    timeout = timedelta(seconds=cfg["timeout"]) if "timeout" in cfg else lightning_cmp.strategy.DEFAULT_TIMEOUT
+    strategy = lightning_cmp.CMPStrategy(
+        averaging=run.get("averaging", "gradient"), partition="uniform", timeout=timeout
+    )
+    copies = Copies()
+    callbacks: list[Callback] = [ModelCheckpoint(dirpath=out / run["name"], save_last=True), copies]
+    if "kill" in run:
+        callbacks.append(Fault(out=out, **run["kill"]))
+    same_data = run.get("same_data", True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=run.get("epochs", 1),
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        detect_anomaly=run.get("detect_anomaly", False),
+        use_distributed_sampler=same_data,
+    )
+    model = (DictBatch if run.get("dict_batch") else NaNAfter)(run.get("nan_step"))
+    data = loader() if same_data else per_rank_loader(int(os.environ.get("LOCAL_RANK", "0")))
+    if run.get("dict_batch"):
+        data = dict_loader()
+    ckpt = str(out / run["resume"] / "last.ckpt") if "resume" in run else None
+    try:
+        trainer.fit(model, data, ckpt_path=ckpt)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}", "t": time.time()}
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "copies": copies.copies,
+        "global_step": trainer.global_step,
+    }
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    out = Path(cfg["out"])
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    results = {}
+    for run in cfg["runs"]:
+        results[run["name"]] = result = fit(cfg, run, out)
+        if "error" in result:
+            (out / f"rank{rank}-{run['name']}.json").write_text(json.dumps(result))
+            if not run.get("expect_error"):
+                sys.exit(1)
+        torch.save(results, out / f"rank{rank}.pt")  # after every run: a later one may kill the job
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""A worker that dies or raises takes the whole job down quickly, with an error naming it, and leaves no process."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.launch import launch
+
+BOUND_S = 60  # well under the 120 s default timeout: a dead peer is noticed at once, not by the timeout
+
+
+def _run_fault(
+    tmp_path: Path, devices: int, rank: int, how: str, **extra: object
+) -> tuple[dict, dict[int, str], float]:
+    cfg = {
+        **extra,
+        "out": str(tmp_path),
+        "devices": devices,
+        "runs": [{"name": "a", "epochs": 2, "kill": {"rank": rank, "epoch": 0, "batch": 2, "how": how}}],
+    }
+    outcome = launch("tests.reliability.scenario", cfg, deadline=240)
+    fault = json.loads((tmp_path / "fault.json").read_text())
+    errors = {}
+    for r in range(devices):
+        path = tmp_path / f"rank{r}-a.json"
+        if path.exists():
+            errors[r] = json.loads(path.read_text())["error"]
+        else:  # Lightning's observer may SIGKILL rank 0 once a child exits; the strategy logged the error first
+            logged = re.search(rf"^\[rank {r}\] (PeerLostError: .*)$", outcome.log, re.MULTILINE)
+            if logged:
+                errors[r] = logged.group(1)
+    exit_s = outcome.gone_at - fault["t"]
+    print(f"K={devices} rank {rank} {how}: all processes gone {exit_s:.1f} s after the fault; errors {errors}")
+    assert outcome.leftovers == [], f"processes left behind: {outcome.leftovers}\n{outcome.log[-3000:]}"
+    assert exit_s < BOUND_S, outcome.log[-3000:]
+    assert outcome.returncode != 0
+    return fault, errors, exit_s
+
+
+@pytest.mark.timeout(300)
+def test_sigkilled_worker_stops_the_others_and_is_named(tmp_path: Path) -> None:
+    _, errors, _ = _run_fault(tmp_path, devices=3, rank=2, how="sigkill")
+    assert 2 not in errors  # it was killed: it wrote nothing
+    assert 0 in errors, "rank 0 did not report"
+    # every rank that reported names rank 2, not the neighbour whose exit it noticed first
+    assert errors[0].startswith("PeerLostError: rank 2 (peer of rank 0) stopped answering")
+    assert 1 not in errors or errors[1].startswith("PeerLostError: rank 2 (peer of rank 1) stopped answering")
+
+
+@pytest.mark.timeout(300)
+def test_worker_raising_in_its_step_stops_the_others(tmp_path: Path) -> None:
+    _, errors, _ = _run_fault(tmp_path, devices=2, rank=1, how="raise")
+    assert errors[1] == "RuntimeError: injected failure on rank 1"
+    assert errors[0].startswith("PeerLostError: rank 1 (peer of rank 0) stopped answering")
+
+
+@pytest.mark.timeout(300)
+def test_killed_launcher_rank0_stops_the_others(tmp_path: Path) -> None:
+    _, errors, _ = _run_fault(tmp_path, devices=2, rank=0, how="sigkill")
+    assert errors[1].startswith("PeerLostError: rank 0 (peer of rank 1) stopped answering")
+
+
+@pytest.mark.timeout(300)
+def test_hung_worker_is_given_up_after_the_timeout_and_killed(tmp_path: Path) -> None:
+    # Rank 1 stops (SIGSTOP) without dying: only the timeout notices; rank 0 then kills it on its way out.
+    _, errors, exit_s = _run_fault(tmp_path, devices=2, rank=1, how="sigstop", timeout=5)
+    assert errors[0].startswith("PeerLostError: rank 1 (peer of rank 0) stopped answering")
+    assert "Timed out" in errors[0]
+    assert exit_s >= 5
