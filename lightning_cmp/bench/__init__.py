@@ -1,0 +1,1 @@
+"""Benchmark of lightning_cmp's schedules against single device, torch pipelining and DDP."""

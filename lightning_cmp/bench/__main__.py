@@ -1,0 +1,111 @@
+"""``python -m lightning_cmp.bench``: train one CNN a fixed number of steps with every method and report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_cmp.bench.launch import run_workers
+from lightning_cmp.bench.measure import summarize
+from lightning_cmp.bench.methods import METHODS, run_method
+from lightning_cmp.bench.models import build, make_batches
+from lightning_cmp.bench.project import block_costs, param_bytes, predict, send_model, send_seconds
+from lightning_cmp.bench.report import bar_chart, markdown_table, projection_table, write_json
+from lightning_cmp.bench.timeline import plot_timelines
+from lightning_cmp.partition import resolve_cuts, trace_chain
+
+#: One of each family, to keep ``--quick`` under two minutes on two busy cores.
+QUICK_METHODS = ["single", "mp", "gpipe2", "cmp", "pp_gpipe", "pp_dualpipev", "ddp"]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lightning_cmp.bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny model, 16x16 input, 1 step x 3 repeats (CI)")
+    p.add_argument("--model", choices=["vgg", "resnet18", "tiny"], default="resnet18")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--size", type=int, default=32, help="input height and width")
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="default: all")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.steps, args.repeats, args.size, args.batch_size = "tiny", 1, 3, 16, 16
+        args.methods = args.methods or QUICK_METHODS
+    args.methods = args.methods or list(METHODS)
+    return args
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "threads_per_worker": 1,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    x = make_batches(1, args.batch_size, args.size)[0][0]
+    chain = trace_chain(build(args.model))
+    costs, sizes = block_costs(chain, x)
+    cuts = resolve_cuts("balanced", chain.num_blocks, 2, [f + b for f, b in costs])
+    cuts4 = resolve_cuts("balanced", chain.num_blocks, 4, [f + b for f, b in costs])
+    rows: list[dict[str, Any]] = []
+    timelines: dict[str, Any] = {}
+    for name in args.methods:
+        method = METHODS[name]
+        row: dict[str, Any] = {"method": name, "label": method.label, "workers": method.world}
+        started = time.perf_counter()
+        try:
+            per_rank = run_workers(
+                run_method, method.world, method=name, model=args.model, cuts=cuts4 if name == "pp_dualpipev" else cuts,
+                steps=args.steps, repeats=args.repeats, batch_size=args.batch_size, size=args.size,
+            )  # fmt: skip
+            row.update(summarize(per_rank, args.steps, args.batch_size))
+            if name in ("mp", "cmp"):
+                timelines[name] = [r["timings"] for r in per_rank]
+        except Exception as err:  # a baseline that cannot run is reported, not fatal
+            row["error"] = str(err).strip().splitlines()[-1][:160]
+        print(f"# {name}: {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        rows.append(row)
+    unique = sorted({*sizes, *param_bytes(chain), *(s // 2 for s in sizes), *(s // 4 for s in sizes)})
+    send = send_model(unique, send_seconds(unique))
+    predicted = predict(costs, sizes, param_bytes(chain), range(2, 9), send)
+    measured = {r["method"]: r["step_s"] for r in rows if "step_s" in r}
+    table = markdown_table(rows)
+    projection = projection_table(predicted, measured, 2)
+    record = {
+        "command": "python -m lightning_cmp.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": machine(),
+        "memory": "peak RSS (ru_maxrss) of each worker; every method runs in fresh processes",
+        "cuts": {"2 stages": cuts, "4 stages (DualPipeV)": cuts4},
+        "rows": rows,
+        "projection_s_per_step": predicted,
+        "timelines": timelines,
+    }
+    write_json(record, args.out / "bench.json")
+    bar_chart(rows, args.out / "throughput.png", f"{args.model}, batch {args.batch_size}, 2 CPU workers x 1 thread")
+    if timelines:
+        plot_timelines(timelines, args.out / "timeline.png")
+    print(f"## {args.model}, global batch {args.batch_size}, {args.size}x{args.size}, cuts {cuts}\n")
+    print(table)
+    print("\n## Projection: seconds per step (simulator with measured stage costs) vs measured\n")
+    print(projection)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The benchmark's models and data: a VGG-16-style CNN, torchvision ResNet-18, and a tiny CNN for --quick."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+__all__ = ["MODELS", "build", "make_batches"]
+
+# VGG-16's 13 convolutions (configuration "D"); "M" is a 2x2 max-pool. Widths are halved to fit CPUs.
+_VGG16 = (32, 32, "M", 64, 64, "M", 128, 128, 128, "M", 256, 256, 256, "M", 256, 256, 256, "M")
+
+
+def vgg16(num_classes: int = 10) -> nn.Module:
+    """A VGG-16-style CNN for 32x32 inputs: 13 conv+BN+ReLU layers at half width, then a linear classifier.
+
+    Example:
+        >>> vgg16()(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in _VGG16:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        assert isinstance(item, int)
+        layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+        channels = item
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, num_classes))
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 (random weights)."""
+    return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+
+
+def tiny(num_classes: int = 10) -> nn.Module:
+    """Four conv blocks and a classifier: what ``--quick`` trains."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+    )  # fmt: skip
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"vgg": vgg16, "resnet18": resnet18, "tiny": tiny}
+
+
+def build(name: str) -> nn.Module:
+    """Model ``name`` with the same initial weights in every process.
+
+    Example:
+        >>> sum(p.numel() for p in build("tiny").parameters()) > 0
+        True
+    """
+    torch.manual_seed(0)
+    return MODELS[name]()
+
+
+def make_batches(count: int, batch_size: int, size: int) -> list[tuple[Tensor, Tensor]]:
+    """``count`` random (images, labels) batches, identical in every process.
+
+    Example:
+        >>> x, y = make_batches(1, 4, 32)[0]
+        >>> tuple(x.shape), tuple(y.shape)
+        ((4, 3, 32, 32), (4,))
+    """
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(batch_size, 3, size, size, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+        for _ in range(count)
+    ]

@@ -1,0 +1,80 @@
+"""The benchmark's outputs: a Markdown table, the JSON record and the throughput bar chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COLUMNS", "bar_chart", "markdown_table", "projection_table", "write_json"]
+
+COLUMNS = ("method", "workers", "samples/s", "vs mp", "peak RSS MiB per worker", "idle fraction per worker")
+
+
+def _fmt_list(values: list[float] | None, pattern: str) -> str:
+    return "n/a" if not values else " / ".join(pattern.format(v) for v in values)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per method; ``vs mp`` is the samples/s ratio to the ``mp`` row (``n/a`` without one).
+
+    Example:
+        >>> print(markdown_table([{"method": "mp", "label": "mp", "workers": 2, "samples_per_s": 10.0,
+        ...     "peak_rss_mib": [300.0, 310.0], "idle_fraction": [0.5, 0.5]}]).splitlines()[2])
+        | mp | 2 | 10.0 | 1.00 | 300 / 310 | 0.50 / 0.50 |
+    """
+    mp = next((r["samples_per_s"] for r in rows if r["method"] == "mp" and "samples_per_s" in r), None)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['workers']} | skipped: {r['error']} | | | |")
+            continue
+        ratio = f"{r['samples_per_s'] / mp:.2f}" if mp else "n/a"
+        lines.append(
+            f"| {r['label']} | {r['workers']} | {r['samples_per_s']:.1f} | {ratio} | "
+            f"{_fmt_list(r['peak_rss_mib'], '{:.0f}')} | {_fmt_list(r['idle_fraction'], '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def projection_table(predicted: dict[str, dict[int, float]], measured: dict[str, float], k: int) -> str:
+    """Predicted seconds per step for each K, and predicted vs measured at the K that ran.
+
+    Example:
+        >>> print(projection_table({"mp": {2: 0.5}}, {"mp": 0.6}, 2).splitlines()[2])
+        | mp | 0.500 | 0.500 | 0.600 |
+    """
+    ks = sorted({kk for per in predicted.values() for kk in per})
+    head = ["schedule", *[f"K={kk}" for kk in ks], f"predicted K={k}", f"measured K={k}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, per in predicted.items():
+        cells = [f"{per[kk]:.3f}" if kk in per else "" for kk in ks]
+        got = f"{measured[name]:.3f}" if name in measured else "n/a"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per.get(k, float('nan')):.3f} | {got} |")
+    return "\n".join(lines)
+
+
+def write_json(record: dict[str, Any], path: Path) -> Path:
+    """Write the whole benchmark record (config, machine, rows, projection) as indented JSON."""
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return path
+
+
+def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Horizontal bars of samples/s per method (skipped methods left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "samples_per_s" in r]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(done) + 1.2))
+    colors = ["#c44e52" if r["method"] == "cmp" else "#4c72b0" for r in done]
+    ax.barh([r["label"] for r in done], [r["samples_per_s"] for r in done], color=colors)
+    ax.invert_yaxis()
+    ax.set_xlabel("samples/s (median of repeats)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
