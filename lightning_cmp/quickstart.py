@@ -30,6 +30,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategy", default="cmp", help="cmp | mp | ddp | auto (any Lightning strategy name)")
     p.add_argument("--devices", type=int, default=2, help="CPU processes")
     p.add_argument("--num-stages", type=int, default=None, help="pipeline stages for cmp/mp (default: devices)")
+    p.add_argument("--averaging", default="gradient", help="cmp only: gradient | parameter")
+    p.add_argument(
+        "--average-every", type=int, default=1, help="cmp with --averaging parameter: steps between averages"
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64, help="batch per step (per process for ddp)")
     p.add_argument("--limit-train", type=int, default=20000, help="first N training images (0: all 55000)")
@@ -42,14 +46,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_stages is not None and args.strategy not in _PIPELINE_STRATEGIES:
         p.error(f"--num-stages applies to --strategy {' or '.join(_PIPELINE_STRATEGIES)}, not {args.strategy!r}")
+    if (args.averaging, args.average_every) != ("gradient", 1) and args.strategy != "cmp":
+        p.error(f"--averaging/--average-every apply to --strategy cmp, not {args.strategy!r}")
     return args
 
 
-def make_strategy(name: str, num_stages: int | None) -> str | Strategy:
-    """A strategy name for the Trainer, or a ``CMPStrategy`` with ``num_stages`` for the pipeline schedules."""
-    if num_stages is None:
+def make_strategy(
+    name: str, num_stages: int | None, averaging: str = "gradient", average_every: int = 1
+) -> str | Strategy:
+    """A strategy name for the Trainer, or a ``CMPStrategy`` when a pipeline option differs from its default."""
+    if num_stages is None and (averaging, average_every) == ("gradient", 1):
         return name
-    return lightning_cmp.CMPStrategy(schedule=name, num_stages=num_stages)
+    return lightning_cmp.CMPStrategy(
+        schedule=name, num_stages=num_stages, averaging=averaging, average_every=average_every
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -67,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=make_strategy(args.strategy, args.num_stages),
+        strategy=make_strategy(args.strategy, args.num_stages, args.averaging, args.average_every),
         max_epochs=args.epochs,
         callbacks=[speed],
         enable_progress_bar=True,

@@ -6,11 +6,12 @@ import gzip
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from typing_extensions import override
+
+from lightning_cmp.data.base import InMemoryImageDataModule
 
 __all__ = ["DEBIAN_DIR", "FashionMNISTDataModule", "read_idx"]
 
@@ -82,7 +83,7 @@ def _find(data_dir: Path, name: str) -> Path | None:
     return next((p for p in _candidates(data_dir, name) if p.is_file()), None)
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
+class FashionMNISTDataModule(InMemoryImageDataModule):
     """Fashion-MNIST held as tensors in memory, padded and channel-repeated for ImageNet/CIFAR models.
 
     Reads the IDX files of the Debian package ``dataset-fashion-mnist`` when present; otherwise downloads
@@ -98,10 +99,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
         pad_to: zero-pad the 28x28 images to this size (``None``: keep 28x28).
         channels: repeat the grey channel this many times (3 lets RGB models run unchanged).
         val_size: number of training images held out for validation.
-        seed: seed of the train/validation split and of the training shuffle.
+        seed: seed of the train/validation split, of the training shuffle and of the augmentation.
         limit: use only the first N training images (quick runs and tests).
         limit_eval: use only the first N validation and test images.
         download: download with torchvision when the files are missing.
+        random_crop: training augmentation: pad by this many pixels and crop back at random (0: off).
+        horizontal_flip: training augmentation: flip half of the images left-right.
 
     Example:
         >>> dm = FashionMNISTDataModule(limit=1000, batch_size=32)
@@ -110,6 +113,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         >>> x.shape
         torch.Size([32, 3, 32, 32])
     """
+
+    fill = -MEAN / STD
 
     def __init__(
         self,
@@ -123,29 +128,21 @@ class FashionMNISTDataModule(L.LightningDataModule):
         limit: int | None = None,
         limit_eval: int | None = None,
         download: bool = True,
+        random_crop: int = 0,
+        horizontal_flip: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, val_size, seed, limit, limit_eval, random_crop, horizontal_flip)
         if pad_to is not None and pad_to < 28:
             raise ValueError(f"pad_to={pad_to} is smaller than the 28x28 images; use pad_to>=28 or None")
         if not 0 <= val_size < 60000:
             raise ValueError(f"val_size={val_size} must lie in [0, 60000)")
-        for name, value in (("batch_size", batch_size), ("channels", channels), ("limit", limit)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+        if channels < 1:
+            raise ValueError(f"channels={channels} must be >= 1")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir) if data_dir else (DEBIAN_DIR if DEBIAN_DIR.is_dir() else Path("data"))
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.pad_to = pad_to
         self.channels = channels
-        self.val_size = val_size
-        self.seed = seed
-        self.limit = limit
-        self.limit_eval = limit_eval
         self.download = download
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
     def _missing(self) -> list[str]:
         return [name for pair in _FILES.values() for name in pair if _find(self.data_dir, name) is None]
@@ -174,60 +171,27 @@ class FashionMNISTDataModule(L.LightningDataModule):
             raise RuntimeError(self._no_data_message(f"download failed: {type(e).__name__}: {e}")) from e
 
     @override
-    def setup(self, stage: str) -> None:
-        """Build the tensors once; later calls (fit, then test) reuse them."""
-        if self.train_set is not None:
-            return
+    def check_data(self) -> None:
         if self._missing():
             raise FileNotFoundError(self._no_data_message("call prepare_data() first or check data_dir"))
-        x, y = self._load("train")
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
-        val, train = order[: self.val_size], order[self.val_size :].sort().values[: self.limit]
-        val = val[: self.limit_eval]
-        self.train_set = self._dataset(x[train], y[train])
-        self.val_set = self._dataset(x[val], y[val])
-        x, y = self._load("test")
-        self.test_set = self._dataset(x[: self.limit_eval], y[: self.limit_eval])
 
-    def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One split as normalised (N, 1, H, W) float images and int64 labels."""
+    @override
+    def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One split as stored: (N, 1, 28, 28) uint8 images and int64 labels."""
         paths = [_find(self.data_dir, name) for name in _FILES[split]]
         images, labels = (read_idx(p) for p in paths if p is not None)
-        x = images.unsqueeze(1).float().div_(255)
+        return images.unsqueeze(1), labels.long()
+
+    @override
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Scale to [0, 1], pad with black to ``pad_to`` and standardise with the training set's statistics."""
+        x = images.float().div_(255)
         if self.pad_to is not None:
             extra = self.pad_to - x.shape[-1]
             x = F.pad(x, (extra // 2, extra - extra // 2, extra // 2, extra - extra // 2))  # black border
-        return x.sub_(MEAN).div_(STD), labels.long()
+        return x.sub_(MEAN).div_(STD)
 
-    def _dataset(self, x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
+    @override
+    def dataset(self, x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
         # expand() is a view, so the repeated channels cost no memory; the default collate stacks real copies.
         return TensorDataset(x.expand(-1, self.channels, -1, -1), y)
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("FashionMNISTDataModule.setup() must run before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
