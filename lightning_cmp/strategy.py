@@ -424,6 +424,8 @@ class CMPStrategy(ParallelStrategy):
             self._pipeline.restore_full_module()
             for layout in self._layouts:
                 layout.restore()
+        if self._pipeline is not None:
+            self._pipeline.close()
         self._unpatch()
         self._pipeline, self._chain, self._target, self._layouts = None, None, None, []
         super().teardown()

@@ -11,22 +11,50 @@ import torch
 from torch import Tensor, nn
 
 from lightning_cmp.runtime.comm import _DTYPES, Comm, message_tag
+from lightning_cmp.runtime.shm import SharedRegions, shared_memory_peers
 from lightning_cmp.runtime.stage import StageCopy
 
-__all__ = ["Averager", "unflatten_into"]
+__all__ = ["Averager", "flat_sizes", "flat_views", "flatten_into", "unflatten_into"]
 
-_AVERAGE_MSG = 2  # message kind for tags (0 activations, 1 gradients)
+#: ``combine(own, other, out)``: what an exchange leaves in ``out`` (one of the exchanged tensors).
+Combine = Callable[[Tensor, Tensor, Tensor], Any]
+
+_AVERAGE_MSG = 2  # message kinds for tags (0 activations, 1 gradients)
+_READY_MSG = 3  # shared memory: "my region holds this exchange's tensors"
+_ACK_MSG = 4  # shared memory: "I have read your region; you may write it again"
 _BUCKET_BYTES = 16 << 20
 _MAX_BUCKETS = 100  # channel * 8 + dtype index must stay below the 1024 tags of a stage
 
 
-def unflatten_into(flats: dict[torch.dtype, Tensor], tensors: Sequence[Tensor]) -> None:
-    """Copy flat per-dtype buffers (``tensors`` laid end to end in order) back into ``tensors``."""
+def flat_sizes(tensors: Sequence[Tensor]) -> dict[torch.dtype, int]:
+    """Elements per dtype when ``tensors`` are laid end to end, one flat buffer per dtype."""
+    sizes: dict[torch.dtype, int] = defaultdict(int)
+    for t in tensors:
+        sizes[t.dtype] += t.numel()
+    return dict(sizes)
+
+
+def flat_views(flats: dict[torch.dtype, Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
+    """For each of ``tensors``, the slice of its dtype's flat buffer that holds it, shaped like it."""
     offsets: dict[torch.dtype, int] = defaultdict(int)
+    views = []
     for t in tensors:
         start = offsets[t.dtype]
-        t.copy_(flats[t.dtype][start : start + t.numel()].view_as(t))
+        views.append(flats[t.dtype][start : start + t.numel()].view_as(t))
         offsets[t.dtype] = start + t.numel()
+    return views
+
+
+def unflatten_into(flats: dict[torch.dtype, Tensor], tensors: Sequence[Tensor]) -> None:
+    """Copy flat per-dtype buffers (``tensors`` laid end to end in order) back into ``tensors``."""
+    for t, view in zip(tensors, flat_views(flats, tensors), strict=True):
+        t.copy_(view)
+
+
+def flatten_into(tensors: Sequence[Tensor], flats: dict[torch.dtype, Tensor]) -> None:
+    """Copy ``tensors`` end to end into their dtype's flat buffer (the inverse of :func:`unflatten_into`)."""
+    for t, view in zip(tensors, flat_views(flats, tensors), strict=True):
+        view.copy_(t)
 
 
 def _zero_filled(params: Sequence[nn.Parameter]) -> list[Tensor]:
@@ -70,14 +98,31 @@ class Averager:
     buckets of about ``bucket_bytes`` as soon as backward has produced them (a post-accumulate-grad hook), so
     the exchange overlaps the rest of that backward; :meth:`start_gradients` sends what is left.
 
+    A mirror on the same host (CPU) is reached through shared memory (:mod:`lightning_cmp.runtime.shm`)
+    unless ``shared_memory=False``; other mirrors through the process group (gloo or NCCL point-to-point).
+
     Example:
         >>> averager = Averager(comm, copies)  # doctest: +SKIP
         >>> averager.arm(0, 1, peer=2); ...; averager.start_gradients(0, 1, peer=2); averager.wait()  # doctest: +SKIP
     """
 
-    def __init__(self, comm: Comm, copies: dict[tuple[int, int], StageCopy], bucket_bytes: int = _BUCKET_BYTES) -> None:
+    def __init__(
+        self,
+        comm: Comm,
+        copies: dict[tuple[int, int], StageCopy],
+        bucket_bytes: int | None = None,
+        shared_memory: bool = True,
+    ) -> None:
         self.comm = comm
         self.copies = copies
+        self._regions: SharedRegions | None = None
+        self.shared_peers: set[int] = set()  # group positions reached through shared memory
+        if shared_memory:  # a collective: every rank of the group must pass the same flag
+            state = [t for c in copies.values() for t in c.module.state_dict().values()]
+            state_bytes = sum(t.numel() * t.element_size() for t in state)
+            self._regions, self.shared_peers = shared_memory_peers(comm, state_bytes)
+        self._tiny: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}  # (kind, stage, channel) -> buffers
+        self._acks: dict[tuple[int, int], tuple[list[Any], int]] = {}  # (stage, channel) -> (works, peer)
         self._pending: list[tuple[list[Any], int, Callable[[], None]]] = []  # (works, peer, finish)
         self._buckets: dict[tuple[int, int], list[_Bucket]] = {}
         self._where: dict[int, tuple[tuple[int, int], int]] = {}
@@ -87,17 +132,22 @@ class Averager:
         for key, copy in copies.items():
             params = copy.parameters()
             total = sum(p.numel() * p.element_size() for p in params)
-            self._buckets[key] = _buckets(params, max(bucket_bytes, total // _MAX_BUCKETS + 1))
+            self._buckets[key] = _buckets(params, max(bucket_bytes or _BUCKET_BYTES, total // _MAX_BUCKETS + 1))
             for index, bucket in enumerate(self._buckets[key]):
                 for p in bucket.params:
                     self._where[id(p)] = (key, index)
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
     def close(self) -> None:
-        """Remove the gradient hooks from the parameters."""
+        """Remove the gradient hooks from the parameters and this rank's shared-memory file names.
+
+        Acknowledgements still in flight need no wait: each is matched by the peer's send of the same step.
+        """
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._regions is not None:
+            self._regions.close()
 
     def arm(self, replica: int, stage: int, peer: int) -> None:
         """From now on, send this copy's gradient buckets to ``peer`` as soon as they are complete."""
@@ -152,16 +202,21 @@ class Averager:
             finish()
         self._pending.clear()
 
-    def _exchange(
-        self, stage: int, tensors: list[Tensor], combine: Callable[[Tensor, Tensor], Any], peer: int, channel: int
-    ) -> None:
-        """Swap ``tensors`` with ``peer`` (one message per dtype), then ``combine(own, other)`` in place.
+    def _exchange(self, stage: int, tensors: list[Tensor], combine: Combine, peer: int, channel: int) -> None:
+        """Swap ``tensors`` with ``peer``, then set each to ``combine(own, other)``; finished by :meth:`wait`."""
+        if not tensors:
+            return
+        if peer in self.shared_peers:
+            self._exchange_shared(stage, tensors, combine, peer, channel)
+        else:
+            self._exchange_messages(stage, tensors, combine, peer, channel)
+
+    def _exchange_messages(self, stage: int, tensors: list[Tensor], combine: Combine, peer: int, channel: int) -> None:
+        """Through the process group, one message per dtype.
 
         The flat send and receive buffers are kept from step to step: fresh multi-megabyte buffers would be
         mapped and page-faulted anew every step.
         """
-        if not tensors:
-            return
         flats = self._flat_buffers((stage, channel), tensors)
         works: list[Any] = []
         for index, (send, recv) in enumerate(flats.values()):
@@ -170,29 +225,55 @@ class Averager:
 
         def finish() -> None:
             for send, recv in flats.values():
-                combine(send, recv)
+                combine(send, recv, send)
             unflatten_into({dtype: send for dtype, (send, _) in flats.items()}, tensors)
 
         self._pending.append((works, peer, finish))
 
+    def _exchange_shared(self, stage: int, tensors: list[Tensor], combine: Combine, peer: int, channel: int) -> None:
+        """Through shared memory: copy into this rank's region, signal, then combine out of the peer's.
+
+        Neither side writes a region the other may still be reading: a rank writes its region again only
+        after the peer acknowledged reading the previous contents.
+        """
+        assert self._regions is not None
+        link = (stage, channel)
+        if link in self._acks:
+            self.comm.wait(*self._acks.pop(link))
+        name, sizes = f"s{stage}c{channel}", flat_sizes(tensors)
+        mine = {dtype: self._regions.mine(name, dtype, n) for dtype, n in sizes.items()}
+        flatten_into(tensors, mine)
+        ready = self._signal(_READY_MSG, stage, channel, peer)
+
+        def finish() -> None:
+            assert self._regions is not None
+            theirs = {dtype: self._regions.theirs(self.comm.ranks[peer], name, dtype, n) for dtype, n in sizes.items()}
+            for t, own, other in zip(tensors, flat_views(mine, tensors), flat_views(theirs, tensors), strict=True):
+                combine(own, other, t)
+            self._acks[link] = (self._signal(_ACK_MSG, stage, channel, peer), peer)
+
+        self._pending.append((ready, peer, finish))
+
+    def _signal(self, kind: int, stage: int, channel: int, peer: int) -> list[Any]:
+        """Exchange a one-element message with ``peer`` (kept buffers: each is waited on before its reuse)."""
+        key = (kind, stage, channel)
+        if key not in self._tiny:
+            self._tiny[key] = (torch.zeros(1, device=self.comm.device), torch.zeros(1, device=self.comm.device))
+        send, recv = self._tiny[key]
+        return self.comm.exchange_into(send, recv, peer, message_tag(kind, 0, stage, channel))
+
     def _flat_buffers(self, key: tuple[int, int], tensors: list[Tensor]) -> dict[torch.dtype, tuple[Tensor, Tensor]]:
         """Persistent (send, receive) buffers per dtype for ``key``, with ``tensors`` copied into the send one."""
-        sizes: dict[torch.dtype, int] = defaultdict(int)
-        for t in tensors:
-            sizes[t.dtype] += t.numel()
+        sizes = flat_sizes(tensors)
         cached = self._flats.get(key)
-        if cached is None or {d: s.numel() for d, (s, _) in cached.items()} != dict(sizes):
+        if cached is None or {d: s.numel() for d, (s, _) in cached.items()} != sizes:
             device = tensors[0].device
             cached = {
                 d: (torch.empty(n, dtype=d, device=device), torch.empty(n, dtype=d, device=device))
                 for d, n in sizes.items()
             }
             self._flats[key] = cached
-        offsets: dict[torch.dtype, int] = defaultdict(int)
-        for t in tensors:
-            start = offsets[t.dtype]
-            cached[t.dtype][0][start : start + t.numel()].copy_(t.reshape(-1))
-            offsets[t.dtype] = start + t.numel()
+        flatten_into(tensors, {d: send for d, (send, _) in cached.items()})
         return cached
 
     @staticmethod
@@ -204,12 +285,13 @@ class Averager:
         _average_local(a.float_buffers(), b.float_buffers())
 
 
-def _add(own: Tensor, other: Tensor) -> None:
-    own.add_(other)
+# own + other is computed on both sides: IEEE addition is commutative, so the two copies stay bitwise equal.
+def _add(own: Tensor, other: Tensor, out: Tensor) -> None:
+    torch.add(own, other, out=out)
 
 
-def _average(own: Tensor, other: Tensor) -> None:
-    own.add_(other).div_(2)
+def _average(own: Tensor, other: Tensor, out: Tensor) -> None:
+    torch.add(own, other, out=out).div_(2)
 
 
 def _average_local(mine: list[Tensor], theirs: list[Tensor]) -> None:

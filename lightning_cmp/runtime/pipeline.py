@@ -46,6 +46,7 @@ class Pipeline:
         averaging: str = "gradient",
         num_microbatches: int = 1,
         bucket_bytes: int | None = None,
+        shared_memory: bool = True,
     ) -> None:
         if averaging not in AVERAGING:
             raise CMPConfigError(f"averaging={averaging!r}; valid: {', '.join(map(repr, AVERAGING))}")
@@ -64,9 +65,13 @@ class Pipeline:
         self.eval_actions = lower_forward_only(timetable, self.placement, num_microbatches)[comm.me]
         self.copies = self._build_copies()
         comm.gather_processes()
-        averager = Averager(comm, self.copies) if bucket_bytes is None else Averager(comm, self.copies, bucket_bytes)
+        averager = Averager(comm, self.copies, bucket_bytes, shared_memory and spec.num_replicas == 2)
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
+
+    def close(self) -> None:
+        """Detach from the model: remove the averaging hooks from its parameters (call once training ends)."""
+        self.executor.averager.close()
 
     @property
     def num_replicas(self) -> int:

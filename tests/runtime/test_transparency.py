@@ -11,24 +11,29 @@ from tests.helpers.launch import run_workers
 from tests.helpers.models import batches, build, train_reference, train_steps
 
 STEPS = 5
+# (model, schedule, averaging, shared_memory): mirrors on one host exchange through shared memory by default;
+# shared_memory=False sends through gloo, the path ranks on different hosts (or GPUs) take.
 CASES = [
-    ("sequential", "mp", "gradient"),
-    ("sequential", "cmp", "gradient"),
-    ("resnet18", "mp", "gradient"),
-    ("resnet18", "cmp", "gradient"),
-    ("resnet18_bn_eval", "cmp", "gradient"),
+    ("sequential", "mp", "gradient", True),
+    ("sequential", "cmp", "gradient", True),
+    ("resnet18", "mp", "gradient", True),
+    ("resnet18", "cmp", "gradient", True),
+    ("resnet18", "cmp", "gradient", False),
+    ("resnet18_bn_eval", "cmp", "gradient", True),
     # Averaging the weights after every SGD step is linear in the gradients, so it matches too.
-    ("sequential", "cmp", "parameter"),
+    ("sequential", "cmp", "parameter", True),
+    ("sequential", "cmp", "parameter", False),
 ]
 
 
-def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str) -> dict:
+def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str, shared_memory: bool) -> dict:
     model = build(model_name)
     chain = trace_chain(model)
     cuts = uniform_cuts(chain.num_blocks, world)
     comm = Comm(list(range(world)), rank, torch.device("cpu"))
     # Small buckets: ResNet-18's gradients go out in many pieces while its backward is still running.
-    pipe = Pipeline(chain, cuts, schedule, comm, averaging, bucket_bytes=256 << 10)
+    pipe = Pipeline(chain, cuts, schedule, comm, averaging, bucket_bytes=256 << 10, shared_memory=shared_memory)
+    uses_shared_memory = bool(pipe.executor.averager.shared_peers)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
     after_step = pipe.average_parameters if averaging == "parameter" else None
@@ -39,7 +44,13 @@ def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str
     for part in pipe.comm.all_gather_object(mine):
         every.update(part)
     copies_differ = [n for (r, n), t in every.items() if r == 1 and not torch.equal(t, every[(0, n)])]
-    return {"state": pipe.full_state_dict(), "losses": losses, "copies_differ": copies_differ}
+    pipe.close()
+    return {
+        "state": pipe.full_state_dict(),
+        "losses": losses,
+        "copies_differ": copies_differ,
+        "shared_memory": uses_shared_memory,
+    }
 
 
 def _all_cases(rank: int, world: int) -> list[dict]:
@@ -58,11 +69,12 @@ def _relative_error(state: dict, ref: dict) -> float:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_weights_and_losses_equal_single_process(world: int, references: dict) -> None:
     results = run_workers(_all_cases, world, timeout=240)
-    for index, (model_name, schedule, averaging) in enumerate(CASES):
+    for index, (model_name, schedule, averaging, shared_memory) in enumerate(CASES):
         ref_state, ref_losses = references[model_name]
         for rank, per_rank in enumerate(results):
             got = per_rank[index]
-            label = f"{model_name}/{schedule}/{averaging} K={world} rank {rank}"
+            label = f"{model_name}/{schedule}/{averaging}/shared_memory={shared_memory} K={world} rank {rank}"
+            assert got["shared_memory"] == (schedule == "cmp" and shared_memory), label
             assert set(got["state"]) == set(ref_state), label
             assert _relative_error(got["state"], ref_state) < 1e-5, label
             assert got["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), label
