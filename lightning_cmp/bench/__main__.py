@@ -11,15 +11,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from lightning_cmp.bench.launch import run_workers
 from lightning_cmp.bench.measure import summarize
 from lightning_cmp.bench.methods import METHODS, run_method
 from lightning_cmp.bench.models import build, make_batches
-from lightning_cmp.bench.project import block_costs, param_bytes, predict, send_model, send_seconds
+from lightning_cmp.bench.project import (
+    PROJECTED,
+    StepModel,
+    activation_bytes,
+    block_costs,
+    exchange_seconds_per_byte,
+    optimizer_seconds_per_byte,
+    param_bytes,
+    predict,
+    send_model,
+    send_seconds,
+)
 from lightning_cmp.bench.report import bar_chart, markdown_table, projection_table, write_json
 from lightning_cmp.bench.timeline import plot_timelines
-from lightning_cmp.partition import resolve_cuts, trace_chain
+from lightning_cmp.partition import Chain, resolve_cuts, trace_chain
+from lightning_cmp.schedule import get_schedule
 
 #: One of each family, to keep ``--quick`` under two minutes on two busy cores.
 QUICK_METHODS = ["single", "mp", "gpipe2", "cmp", "pp_gpipe", "pp_dualpipev", "ddp"]
@@ -59,10 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     x = make_batches(1, args.batch_size, args.size)[0][0]
-    chain = trace_chain(build(args.model))
-    costs, sizes = block_costs(chain, x)
-    cuts = resolve_cuts("balanced", chain.num_blocks, 2, [f + b for f, b in costs])
-    cuts4 = resolve_cuts("balanced", chain.num_blocks, 4, [f + b for f, b in costs])
+    model = build(args.model)
+    chain = trace_chain(model)
+    sizes = {args.batch_size // (get_schedule(s).num_replicas * m) for _, s, m in PROJECTED}
+    costs = block_costs(chain, x, sorted(sizes, reverse=True))
+    whole = [f + b for f, b in costs[args.batch_size]]
+    cuts = resolve_cuts("balanced", chain.num_blocks, 2, whole)
+    cuts4 = resolve_cuts("balanced", chain.num_blocks, 4, whole)
     rows: list[dict[str, Any]] = []
     timelines: dict[str, Any] = {}
     for name in args.methods:
@@ -81,9 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             row["error"] = str(err).strip().splitlines()[-1][:160]
         print(f"# {name}: {time.perf_counter() - started:.1f}s", file=sys.stderr)
         rows.append(row)
-    unique = sorted({*sizes, *param_bytes(chain), *(s // 2 for s in sizes), *(s // 4 for s in sizes)})
-    send = send_model(unique, send_seconds(unique))
-    predicted = predict(costs, sizes, param_bytes(chain), range(2, 9), send)
+    predicted = predict(step_model(args.batch_size, chain, model, costs, x), range(2, 9))
     measured = {r["method"]: r["step_s"] for r in rows if "step_s" in r}
     table = markdown_table(rows)
     projection = projection_table(predicted, measured, 2)
@@ -105,6 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print("\n## Projection: seconds per step (simulator with measured stage costs) vs measured\n")
     print(projection)
+
+
+def step_model(
+    batch_size: int, chain: Chain, model: nn.Module, costs: dict[int, list[tuple[float, float]]], x: Tensor
+) -> StepModel:
+    """Measure what the projection needs besides block costs: message, optimizer and exchange times."""
+    sizes, params = activation_bytes(chain, x), param_bytes(chain)
+    unique = sorted({*params, *(s // d for s in sizes for d in (1, 2, 4))})
+    send = send_model(unique, send_seconds(unique))
+    shared = os.environ.get("LIGHTNING_CMP_SHM", "1") != "0"  # what cmp's workers use on this host
+    exchange = exchange_seconds_per_byte() if shared else None
+    return StepModel(batch_size, costs, sizes, params, send, optimizer_seconds_per_byte(model), exchange)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 from collections import Counter
 
 import pytest
@@ -34,12 +32,3 @@ def test_schedule_properties(name: str, num_stages: int, num_microbatches: int) 
     validate(evaluation, placement, num_microbatches, forward_only=True)
     simulate(evaluation, placement, num_microbatches)
 
-
-MODULES = ["timetable", "mp", "cmp", "lower", "validate", "simulate", "render", "registry"]
-
-
-@pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(f"lightning_cmp.schedule.{name}")
-    failed, tried = doctest.testmod(module)
-    assert tried > 0 and failed == 0
