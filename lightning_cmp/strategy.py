@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
@@ -35,8 +31,9 @@ from typing_extensions import override
 from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.errors import CMPConfigError, unknown_name
 from lightning_cmp.partition import PARTITION_POLICIES, Chain, profile_blocks, resolve_cuts, trace_chain
-from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, PeerLostError, Pipeline
-from lightning_cmp.runtime.liveness import is_running
+from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
+from lightning_cmp.runtime.comm import peers_lost
+from lightning_cmp.runtime.liveness import stop_processes
 from lightning_cmp.runtime.trace import write_trace
 from lightning_cmp.schedule import SCHEDULES, get_schedule
 
@@ -131,6 +128,7 @@ class CMPStrategy(ParallelStrategy):
         self._chain: Chain | None = None
         self._target: nn.Module | None = None
         self._pipeline: Pipeline | None = None
+        self._comm: Comm | None = None  # every rank; set up with the process group, names a lost peer
         self._layouts: list[OptimizerLayout] = []
         self._optimizer_steps = 0
         self._failed = False
@@ -208,6 +206,8 @@ class CMPStrategy(ParallelStrategy):
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        # From here on every collective, Lightning's included, names the rank that died or hung.
+        self._comm = Comm.world(self.global_rank, self.root_device)
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -292,7 +292,7 @@ class CMPStrategy(ParallelStrategy):
             if self.partition == "balanced":
                 costs = [f + b for f, b in profile_blocks(self._chain, x)]
             cuts = resolve_cuts(self.partition, self._chain.num_blocks, world, costs)
-        comm = Comm(list(range(world)), self.global_rank, self.root_device)
+        comm = self._comm or Comm.world(self.global_rank, self.root_device)
         cuts = comm.broadcast_object(cuts, 0)
         log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, cuts)
         pipeline = Pipeline(self._chain, cuts, self.schedule, comm, self.averaging, self.num_microbatches)
@@ -342,24 +342,31 @@ class CMPStrategy(ParallelStrategy):
         # Every worker of a pipeline computed the same value on the same batch: nothing to combine.
         return tensor
 
+    # Through the world Comm, so a peer lost in a checkpoint or an epoch-end decision is named like one
+    # lost mid-step. Without a process group there is no one to agree with.
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        comm = self._world()
+        if comm is None:
+            return decision
         flag = torch.tensor(int(decision), device=self.root_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN if all else dist.ReduceOp.MAX)
+        comm.all_reduce(flag, dist.ReduceOp.MIN if all else dist.ReduceOp.MAX)
         return bool(flag.item())
 
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        comm = self._world()
+        if comm is not None:
+            comm.barrier()
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not (dist.is_available() and dist.is_initialized()):
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src)
-        return box[0]
+        comm = self._world()
+        return obj if comm is None else comm.broadcast_object(obj, src)
+
+    def _world(self) -> Comm | None:
+        alive = self._comm is not None and dist.is_available() and dist.is_initialized()
+        return self._comm if alive else None
 
     # -- checkpoints: one standard file keyed like the unsplit model ----------------------------------
     @override
@@ -409,7 +416,7 @@ class CMPStrategy(ParallelStrategy):
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
         # Peers lost (dead or hung): workers this process started may never exit on their own.
-        self._peers_lost = isinstance(exception, PeerLostError | dist.DistBackendError)
+        self._peers_lost = peers_lost(exception)
         if self._peers_lost:  # now: Lightning's process observer may kill this process before it prints
             log.error("[rank %d] %s: %s", self.global_rank, type(exception).__name__, exception)
 
@@ -430,7 +437,10 @@ class CMPStrategy(ParallelStrategy):
         self._pipeline, self._chain, self._target, self._layouts = None, None, None, []
         super().teardown()
         if self._peers_lost and isinstance(self._launcher, _SubprocessScriptLauncher):
-            _stop_children(self._launcher)
+            # A hung worker would outlive the job: Lightning kills the workers it started only on Ctrl-C.
+            stopped = stop_processes(self._launcher.procs)
+            if stopped:
+                log.warning("lightning_cmp: killed worker processes %s, still there after the failure", stopped)
 
     @classmethod
     @override
@@ -447,24 +457,6 @@ def _submodule(module: LightningModule, name: str) -> nn.Module:
         raise CMPConfigError(
             f"module={name!r}: {type(module).__name__} has no submodule {name!r}; its children are {children}"
         ) from None
-
-
-def _stop_children(launcher: _SubprocessScriptLauncher, grace_s: float = 10.0) -> None:
-    """After a failure, give the workers this process started ``grace_s`` to report their own errors and exit,
-    then kill the rest: a hung worker would otherwise outlive the job (Lightning kills them only on Ctrl-C)."""
-    deadline = time.monotonic() + grace_s
-    for proc in launcher.procs:
-        if not is_running(proc.pid):  # stopped (hung in a debugger, SIGSTOP): it will not exit by itself
-            continue
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    alive = [proc for proc in launcher.procs if proc.poll() is None]
-    if alive:
-        pids = [proc.pid for proc in alive]
-        log.warning("lightning_cmp: killing worker processes %s, still there after the failure", pids)
-        launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
-        for proc in alive:
-            proc.wait()
 
 
 def _check_precision(plugin: Precision, schedule: str) -> None:

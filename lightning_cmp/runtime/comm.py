@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_cmp.runtime.liveness import Processes, blame, this_process
 
-__all__ = ["Comm", "PeerLostError", "message_tag"]
+__all__ = ["Comm", "PeerLostError", "message_tag", "peers_lost"]
 
 # Every dtype a stage may exchange; the header carries the index into this tuple.
 _DTYPES = (
@@ -31,6 +31,25 @@ _HEADER_LEN = 2 + _MAX_DIMS  # dtype index, ndim, sizes
 
 class PeerLostError(RuntimeError):
     """A peer rank died or stopped answering; the message names it, so the failure is found on its own log."""
+
+
+def peers_lost(exception: BaseException) -> bool:
+    """Whether ``exception`` is, or was raised because of, a failed message or collective (a peer died or hung).
+
+    Example:
+        >>> peers_lost(PeerLostError("rank 1 (peer of rank 0) stopped answering"))
+        True
+        >>> peers_lost(RuntimeError("injected failure on rank 1"))
+        False
+    """
+    seen: set[int] = set()
+    error: BaseException | None = exception
+    while error is not None and id(error) not in seen:  # a callback may wrap it in an error of its own
+        if isinstance(error, PeerLostError | dist.DistBackendError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @contextmanager
@@ -97,6 +116,17 @@ class Comm:
         with self._with():
             self.processes = dict(zip(self.ranks, self.all_gather_object(this_process()), strict=True))
 
+    @classmethod
+    def world(cls, me: int, device: torch.device) -> Comm:
+        """Every rank of the default process group, their processes already gathered (a collective).
+
+        Call it right after the process group is set up: from then on every collective (the pipeline's and
+        Lightning's barriers, broadcasts and decisions) names the rank that died or hung.
+        """
+        comm = cls(list(range(dist.get_world_size())), me, device)
+        comm.gather_processes()
+        return comm
+
     @property
     def size(self) -> int:
         return len(self.ranks)
@@ -156,10 +186,19 @@ class Comm:
         return out
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self.all_reduce(tensor, dist.ReduceOp.SUM)
+
+    def all_reduce(self, tensor: Tensor, op: Any) -> Tensor:
+        """Reduce ``tensor`` in place over the group with ``op`` (a ``torch.distributed.ReduceOp``)."""
         if self.size > 1:
             with self._with():
-                dist.all_reduce(tensor, group=self.group)
+                dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            with self._with():
+                dist.barrier(group=self.group)
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
         """Every rank's same-shaped ``tensor``, by group position."""

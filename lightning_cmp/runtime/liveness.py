@@ -7,8 +7,11 @@ rendezvous store; later errors read it. A peer on this host is checked directly 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["Processes", "blame", "is_running", "this_process"]
+__all__ = ["Processes", "blame", "is_running", "stop_processes", "this_process"]
 
 _NOTE = "lightning_cmp/first_lost_rank"
 _SETTLE_S = 1.0  # how long a failing rank looks for the culprit before naming every peer
@@ -60,6 +63,23 @@ def is_running(pid: int) -> bool:
             return True
         return True
     return state not in ("Z", "X", "T", "t")
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 10.0) -> list[int]:
+    """Give ``procs`` ``grace_s`` seconds to exit by themselves, then kill and reap the rest; returns their pids.
+
+    A stopped process (SIGSTOP, a debugger) will not exit by itself, so it is not waited for.
+    """
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        if is_running(proc.pid):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    alive = [proc for proc in procs if proc.poll() is None]
+    for proc in alive:
+        proc.send_signal(getattr(signal, "SIGKILL", signal.SIGTERM))
+        proc.wait()
+    return [proc.pid for proc in alive]
 
 
 def _store() -> Any:

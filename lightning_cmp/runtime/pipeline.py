@@ -64,7 +64,8 @@ class Pipeline:
         self.forward_actions, self.backward_actions = split_phases(program)
         self.eval_actions = lower_forward_only(timetable, self.placement, num_microbatches)[comm.me]
         self.copies = self._build_copies()
-        comm.gather_processes()
+        if not comm.processes:  # a world Comm from the strategy has them already
+            comm.gather_processes()
         averager = Averager(comm, self.copies, bucket_bytes, shared_memory and spec.num_replicas == 2)
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()

@@ -6,8 +6,11 @@ Config keys (all optional except ``out``, ``devices`` and ``runs``):
 
 - ``runs``: a list of fits done one after the other in this launch, each a dict with ``name``, ``averaging``,
   ``epochs``, ``resume`` (a run name whose ``last.ckpt`` to resume from) and the keys below;
-- ``kill``: ``{"rank": r, "epoch": e, "batch": b, "how": h}`` at that batch's start, ``h`` one of
-  ``"sigkill"``, ``"sigstop"`` (hung), ``"raise"``, ``"killpg"`` (the whole job);
+- ``kill``: ``{"rank": r, "epoch": e, "batch": b, "how": h, "at": a}``, ``h`` one of ``"sigkill"``,
+  ``"sigstop"`` (hung), ``"raise"``, ``"killpg"`` (the whole job); ``a`` (default ``"batch_start"``) is
+  ``"batch_start"`` (that batch's start), ``"epoch_end"`` (``on_train_epoch_end`` of epoch ``e``, before
+  ``ModelCheckpoint`` saves), ``"save"`` (``on_save_checkpoint`` in epoch ``e``: while checkpointing) or
+  ``"setup"`` (the ``setup`` hook: before ``ModelCheckpoint.setup`` broadcasts its folder, no pipeline yet);
 - ``nan_step``: from this global step on the module feeds NaN inputs; ``detect_anomaly`` is passed to the Trainer;
 - ``same_data``: false gives every rank its own shuffled sampler with ``use_distributed_sampler=False``;
 - ``dict_batch``: batches are nested dicts (with a string field) that ``training_step`` unpacks;
@@ -71,15 +74,31 @@ def dict_loader() -> DataLoader:
 
 
 class Fault(Callback):
-    """Kills or fails one rank (or the whole process group) at the start of one batch."""
+    """Kills or fails one rank (or the whole process group) at one point of training (see ``at``)."""
 
-    def __init__(self, rank: int, epoch: int, batch: int, how: str, out: Path) -> None:
-        self.rank, self.epoch, self.batch, self.how, self.out = rank, epoch, batch, how, out
+    def __init__(self, rank: int, epoch: int, how: str, out: Path, batch: int = 0, at: str = "batch_start") -> None:
+        self.rank, self.epoch, self.batch, self.how, self.out, self.at = rank, epoch, batch, how, out, at
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.at == "setup":
+            self._strike(trainer)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.current_epoch != self.epoch or batch_idx != self.batch:
+        if self.at == "batch_start" and batch_idx == self.batch:
+            self._strike(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at == "epoch_end":
+            self._strike(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.at == "save":
+            self._strike(trainer)
+
+    def _strike(self, trainer: L.Trainer) -> None:
+        if trainer.current_epoch != self.epoch:
             return
         if self.how == "killpg":  # the whole job dies at once, as on a node failure
             if trainer.global_rank == 0:

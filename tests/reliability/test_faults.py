@@ -7,21 +7,19 @@ import re
 from pathlib import Path
 
 import pytest
+from torch.distributed import DistBackendError
 
+from lightning_cmp.runtime.comm import PeerLostError, peers_lost
 from tests.reliability.launch import launch
 
 BOUND_S = 60  # well under the 120 s default timeout: a dead peer is noticed at once, not by the timeout
 
 
 def _run_fault(
-    tmp_path: Path, devices: int, rank: int, how: str, **extra: object
+    tmp_path: Path, devices: int, rank: int, how: str, at: str = "batch_start", **extra: object
 ) -> tuple[dict, dict[int, str], float]:
-    cfg = {
-        **extra,
-        "out": str(tmp_path),
-        "devices": devices,
-        "runs": [{"name": "a", "epochs": 2, "kill": {"rank": rank, "epoch": 0, "batch": 2, "how": how}}],
-    }
+    kill = {"rank": rank, "epoch": 0, "batch": 2, "how": how, "at": at}
+    cfg = {**extra, "out": str(tmp_path), "devices": devices, "runs": [{"name": "a", "epochs": 2, "kill": kill}]}
     outcome = launch("tests.reliability.scenario", cfg, deadline=240)
     fault = json.loads((tmp_path / "fault.json").read_text())
     errors = {}
@@ -34,7 +32,7 @@ def _run_fault(
             if logged:
                 errors[r] = logged.group(1)
     exit_s = outcome.gone_at - fault["t"]
-    print(f"K={devices} rank {rank} {how}: all processes gone {exit_s:.1f} s after the fault; errors {errors}")
+    print(f"K={devices} rank {rank} {how} at {at}: all processes gone {exit_s:.1f} s after the fault; errors {errors}")
     assert outcome.leftovers == [], f"processes left behind: {outcome.leftovers}\n{outcome.log[-3000:]}"
     assert exit_s < BOUND_S, outcome.log[-3000:]
     assert outcome.returncode != 0
@@ -71,3 +69,35 @@ def test_hung_worker_is_given_up_after_the_timeout_and_killed(tmp_path: Path) ->
     assert errors[0].startswith("PeerLostError: rank 1 (peer of rank 0) stopped answering")
     assert "Timed out" in errors[0]
     assert exit_s >= 5
+
+
+# Lightning's own collectives (ModelCheckpoint's folder broadcast and file-exists decision, the barrier after
+# saving) fail like the pipeline's messages: naming the lost rank, and the launcher stops the rest.
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("at", ["setup", "epoch_end", "save"])
+def test_worker_killed_outside_a_step_is_named(tmp_path: Path, at: str) -> None:
+    _, errors, _ = _run_fault(tmp_path, devices=2, rank=1, how="sigkill", at=at)
+    assert errors[0].startswith("PeerLostError: rank 1 (peer of rank 0) stopped answering")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("at", ["epoch_end", "save"])
+def test_worker_hung_outside_a_step_is_given_up_and_killed(tmp_path: Path, at: str) -> None:
+    _, errors, exit_s = _run_fault(tmp_path, devices=2, rank=1, how="sigstop", at=at, timeout=5)
+    assert errors[0].startswith("PeerLostError: rank 1 (peer of rank 0) stopped answering")
+    assert "Timed out waiting 5000ms" in errors[0]
+    assert exit_s >= 5
+
+
+def test_a_lost_peer_is_recognised_when_wrapped_in_another_error() -> None:
+    # A callback or Lightning may catch the collective's error and raise its own: the launcher must still
+    # stop the workers it started. Other errors (a bug in training_step) leave them to exit by themselves.
+    try:
+        try:
+            raise PeerLostError("rank 1 (peer of rank 0) stopped answering")
+        except PeerLostError as err:
+            raise RuntimeError("saving the checkpoint failed") from err
+    except RuntimeError as wrapped:
+        assert peers_lost(wrapped)
+    assert peers_lost(DistBackendError("NCCL communicator was aborted"))
+    assert not peers_lost(RuntimeError("injected failure on rank 1"))
