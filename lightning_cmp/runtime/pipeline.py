@@ -103,16 +103,8 @@ class Pipeline:
 
     def _check_same_input(self, x: Tensor) -> None:
         """Every rank must be called with the same batch; a cheap fingerprint catches a sampler that differs."""
-        with torch.no_grad():
-            data = x.detach().double()
-            probe = torch.stack(
-                [torch.tensor(float(x.shape[0]), device=x.device, dtype=torch.float64), data.sum(), data.abs().sum()]
-            )
-        probes = self.comm.all_gather(probe.to(self.comm.device))
-        # NaN-aware: a batch holding NaN (a corrupt sample) is still the same batch on every rank
-        differ = [
-            rank for rank, p in enumerate(probes) if not ((p == probes[0]) | (p.isnan() & probes[0].isnan())).all()
-        ]
+        probes = self.comm.all_gather(_fingerprint(x).to(self.comm.device))
+        differ = [rank for rank, p in enumerate(probes) if not torch.equal(p, probes[0])]
         if differ:
             raise CMPConfigError(
                 f"rank(s) {differ} of the pipeline received a different batch than rank 0 (batch sizes "
@@ -313,6 +305,27 @@ class _FreshGradients:
         for p, old in zip(self.params, self.saved, strict=True):
             if old is not None:
                 p.grad = old if p.grad is None else old.add_(p.grad)
+
+
+def _fingerprint(x: Tensor) -> Tensor:
+    """Batch size, sums and position-weighted per-sample sums of ``x``: a reordered batch differs too.
+
+    NaN and infinities are counted per sample (weighted by position) instead of summed, so a batch holding a
+    corrupt sample still fingerprints the same on every rank.
+    """
+    with torch.no_grad():
+        data = x.detach().double()
+        data = data.flatten(1) if data.dim() > 1 else data.reshape(-1, 1)
+        finite = data.isfinite()
+        odd_rows = torch.zeros(len(data), dtype=torch.float64, device=data.device)
+        if not bool(finite.all()):  # rare: only then pay for the masks
+            odd_rows = (data.isnan().double() + 2 * data.isposinf().double() + 3 * data.isneginf().double()).sum(1)
+            data = data.masked_fill(~finite, 0.0)
+        rows, magnitudes = data.sum(1), data.abs().sum(1)
+        position = torch.arange(1, len(rows) + 1, dtype=torch.float64, device=data.device)
+        size = torch.tensor(float(len(rows)), dtype=torch.float64, device=data.device)
+        weighted = [(position * r).sum() for r in (rows, magnitudes, odd_rows)]
+        return torch.stack([size, rows.sum(), magnitudes.sum(), odd_rows.sum(), *weighted])
 
 
 def _find(module: nn.Module, name: str) -> Tensor | None:

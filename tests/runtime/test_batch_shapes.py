@@ -74,3 +74,33 @@ def test_workers_with_different_batches_are_refused() -> None:
     for message in run_workers(_different_batches, 2, timeout=60):
         assert "rank(s) [1] of the pipeline received a different batch than rank 0" in message
         assert "use_distributed_sampler=True" in message
+
+
+def _reordered_batches(rank: int, world: int) -> list[str]:
+    model = build("sequential")
+    pipe = Pipeline(trace_chain(model), [3], "cmp", Comm(list(range(world)), rank, torch.device("cpu")))
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    corrupt = x.clone()
+    corrupt[1] = float("nan")  # a corrupt sample
+    outcomes = []
+    for batch in (x, corrupt):
+        # the same batch on both ranks (NaN included), then rank 1's sampler yields it in reverse order
+        for mine in (batch, batch if rank == 0 else batch.flip(0)):
+            try:
+                with torch.no_grad():
+                    pipe(mine)
+                outcomes.append("no error")
+            except CMPConfigError as err:
+                outcomes.append(str(err))
+    return outcomes
+
+
+def test_a_reordered_batch_is_refused() -> None:
+    # Same samples, same sums, other order: inputs and labels would be paired wrongly on one of the ranks.
+    message = (
+        "rank(s) [1] of the pipeline received a different batch than rank 0 (batch sizes [6, 6]): every worker of "
+        "one pipeline must see the same batch, or inputs and labels silently come from different samples. With "
+        "Lightning keep use_distributed_sampler=True (the default) or give every worker the same sampler and seed."
+    )
+    for outcomes in run_workers(_reordered_batches, 2, timeout=60):
+        assert outcomes == ["no error", message, "no error", message]
