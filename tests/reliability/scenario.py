@@ -1,11 +1,13 @@
 """Runs that fail on purpose: ``python -m tests.reliability.scenario '<json config>'``.
 
-Every rank writes ``<out>/rank<r>.pt`` (final state per successful run) and, when a run fails,
+Every rank writes ``<out>/rank<r>.pt`` (final state, global step at the start and end, per successful run)
+and, when a run fails,
 ``<out>/rank<r>-<run name>.json`` (``error``: the exception's type and message, ``t``: when it was caught).
 Config keys (all optional except ``out``, ``devices`` and ``runs``):
 
 - ``runs``: a list of fits done one after the other in this launch, each a dict with ``name``, ``averaging``,
-  ``epochs``, ``resume`` (a run name whose ``last.ckpt`` to resume from) and the keys below;
+  ``epochs``, ``resume`` (a run name: this fit checkpoints into that run's folder and resumes with
+  ``fit(ckpt_path="last")``, as a user re-running the same script would) and the keys below;
 - ``kill``: ``{"rank": r, "epoch": e, "batch": b, "how": h, "at": a}``, ``h`` one of ``"sigkill"``,
   ``"sigstop"`` (hung), ``"raise"``, ``"killpg"`` (the whole job); ``a`` (default ``"batch_start"``) is
   ``"batch_start"`` (that batch's start), ``"epoch_end"`` (``on_train_epoch_end`` of epoch ``e``, before
@@ -112,6 +114,15 @@ class Fault(Callback):
         raise RuntimeError(f"injected failure on rank {self.rank}")
 
 
+class Start(Callback):
+    """The global step training started from (not 0 when resumed from a checkpoint)."""
+
+    global_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.global_step = trainer.global_step
+
+
 class Copies(Callback):
     """Each rank's stage copies at the end of training, keyed (replica, stage), to check they stay identical."""
 
@@ -136,8 +147,9 @@ def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
     strategy = lightning_cmp.CMPStrategy(
         averaging=run.get("averaging", "gradient"), partition="uniform", timeout=timeout
     )
-    copies = Copies()
-    callbacks: list[Callback] = [ModelCheckpoint(dirpath=out / run["name"], save_last=True), copies]
+    copies, start = Copies(), Start()
+    folder = out / run.get("resume", run["name"])
+    callbacks: list[Callback] = [ModelCheckpoint(dirpath=folder, save_last=True), copies, start]
     if "kill" in run:
         callbacks.append(Fault(out=out, **run["kill"]))
     same_data = run.get("same_data", True)
@@ -158,7 +170,7 @@ def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
     data = loader() if same_data else per_rank_loader(int(os.environ.get("LOCAL_RANK", "0")))
     if run.get("dict_batch"):
         data = dict_loader()
-    ckpt = str(out / run["resume"] / "last.ckpt") if "resume" in run else None
+    ckpt = "last" if "resume" in run else None
     try:
         trainer.fit(model, data, ckpt_path=ckpt)
     except Exception as err:
@@ -167,6 +179,7 @@ def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "copies": copies.copies,
         "global_step": trainer.global_step,
+        "start_step": start.global_step,
     }
 
 

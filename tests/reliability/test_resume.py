@@ -1,4 +1,4 @@
-"""Nothing lost: a job killed mid-epoch resumes from ``last.ckpt`` to the weights of an uninterrupted run."""
+"""Nothing lost: a job killed mid-epoch resumes with ``fit(ckpt_path="last")`` to the uninterrupted weights."""
 
 from __future__ import annotations
 
@@ -40,18 +40,20 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(tmp_path: Path, devices
     ]
     code, resumed_gradient = _launch(tmp_path, devices, runs)
     assert code == -9
+    # The killed run's last.ckpt is the last complete epoch's (read now: the resumed run overwrites it).
+    ckpt = torch.load(tmp_path / "parameter" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == EPOCHS - 2 and ckpt["global_step"] == 5 * (EPOCHS - 1)
     code, resumed_parameter = _launch(
         tmp_path, devices, [{"name": "p-resumed", "averaging": "parameter", "epochs": EPOCHS, "resume": "parameter"}]
     )
     assert code == 0
     # With average_every=1 both averaging modes follow single-device SGD (momentum included), so one
-    # uninterrupted reference serves both; the killed run's checkpoint was the last complete epoch's.
-    ckpt = torch.load(tmp_path / "parameter" / "last.ckpt", weights_only=False)
-    assert ckpt["epoch"] == EPOCHS - 2 and ckpt["global_step"] == 5 * (EPOCHS - 1)
+    # uninterrupted reference serves both.
     assert good[:2] == b"PK"  # a whole zip archive (torch.save), not a truncated file
     ref, _, _ = single_device(EPOCHS)
     for rank in range(devices):
         for result in (resumed_gradient[rank]["gradient-resumed"], resumed_parameter[rank]["p-resumed"]):
+            assert result["start_step"] == 5 * (EPOCHS - 1)  # "last" found the killed run's file: one epoch left
             assert result["global_step"] == 5 * EPOCHS
             assert_states_close(result["state"], ref.state_dict())
     print(json.dumps({"devices": devices, "ok": True}))
