@@ -169,10 +169,12 @@ def _trace(module: nn.Module, name: str) -> fx.Graph:
         return fx.Tracer().trace(module)
     except Exception as exc:  # fx raises TraceError, TypeError, AttributeError, ... depending on the construct
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        label = name if name == type(module).__name__ else f"{name} ({type(module).__name__})"
         raise PartitionError(
-            f"cannot trace {name} ({type(module).__name__}) with torch.fx: {reason}. Fix: pass module='<submodule>' "
-            f"to split a traceable submodule{_children_hint(module)}, or make the control flow static "
-            "(no Python if/for/while on tensor values in forward)"
+            f"cannot trace {label} with torch.fx: {reason}. lightning_cmp cuts the traced graph into stages, so "
+            "explicit partition=[...] cuts need a traceable module too. Fix: pass module='<submodule>' to split a "
+            f"traceable submodule{_children_hint(module)}, or make the control flow static (no Python if/for/while "
+            "on tensor values in forward)"
         ) from exc
 
 
@@ -188,16 +190,34 @@ def _check_signature(graph: fx.Graph, module: nn.Module, name: str) -> None:
         )
     result = next(n for n in graph.nodes if n.op == "output").args[0]
     if not isinstance(result, fx.Node) or not _is_tensor(result):
-        found = type(result).__name__ if not isinstance(result, fx.Node) else f"{_describe(result)} (not a tensor)"
+        found = _kind(result) if not isinstance(result, fx.Node) else f"a {_describe(result)} (not a tensor)"
         raise PartitionError(
-            f"{name}.forward returns a {found}; lightning_cmp splits modules that return one tensor: "
+            f"{name}.forward returns {found}; lightning_cmp splits modules that return one tensor: "
             f"pass module='<submodule>' to split the submodule that does{_children_hint(module)}"
         )
 
 
+def _kind(value: object) -> str:
+    """``a dict`` for fx's immutable_dict (and list, tuple), ``None``, else the type with an article."""
+    if value is None:
+        return "None"
+    kind = next((t.__name__ for t in (dict, list, tuple) if isinstance(value, t)), type(value).__name__)
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def _children_hint(module: nn.Module) -> str:
-    names = [repr(child) for child, _ in module.named_children()]
-    return f" (its children: {', '.join(names)})" if names else ""
+    """The children worth splitting: those holding parameters or layers (not metrics, losses or activations)."""
+    names = [repr(n) for n, child in module.named_children() if _holds_layers(child) and not _is_metric(child)]
+    return f" (its children holding layers: {', '.join(names)})" if names else ""
+
+
+def _holds_layers(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.children())
+
+
+def _is_metric(module: nn.Module) -> bool:
+    # A torchmetrics Metric (duck-typed: the partition layer does not import torchmetrics).
+    return hasattr(module, "compute") and hasattr(module, "update") and hasattr(module, "dist_sync_on_step")
 
 
 def _find_cuts(graph: fx.Graph, nodes: list[fx.Node], module: nn.Module) -> tuple[list[int], list[fx.Node]]:

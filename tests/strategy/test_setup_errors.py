@@ -116,8 +116,35 @@ def test_several_optimizers_are_refused() -> None:
 
 
 def test_untraceable_model_names_the_module_and_the_fixes() -> None:
-    with pytest.raises(PartitionError, match=r"DataDependent(.|\n)*module="):
-        _setup(DataDependent())
+    # Explicit cuts index the traced graph's blocks, so they are no way around tracing: the message says so.
+    # Only children worth splitting are suggested: 'net', not the metrics 'val_acc' and 'test_acc'.
+    for partition in ("balanced", [4]):
+        with pytest.raises(PartitionError) as info:
+            _setup(DataDependent(), partition=partition)
+        assert str(info.value) == (
+            "cannot trace DataDependent with torch.fx: symbolically traced variables cannot be used as inputs to "
+            "control flow. lightning_cmp cuts the traced graph into stages, so explicit partition=[...] cuts need a "
+            "traceable module too. Fix: pass module='<submodule>' to split a traceable submodule (its children "
+            "holding layers: 'net'), or make the control flow static (no Python if/for/while on tensor values in "
+            "forward)"
+        )
+    _setup(DataDependent(), module="net")  # the suggested fix works
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.act, self.loss = nn.Sequential(nn.Identity(), nn.ReLU()), nn.ReLU(), nn.CrossEntropyLoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) if x.sum() > 0 else x
+
+
+def test_untraceable_submodule_is_named_with_its_type_and_children_worth_splitting() -> None:
+    # A container without parameters is still worth splitting; a lone activation or a loss is not.
+    message = r"^cannot trace model\.gated \(Gated\) with torch\.fx: .* \(its children holding layers: 'body'\), or"
+    with pytest.raises(PartitionError, match=message):
+        trace_chain(Gated(), name="model.gated")
 
 
 def test_more_stages_than_blocks() -> None:
@@ -152,10 +179,25 @@ class TupleOutput(LitCNN):
         return self.net(x), x.mean()
 
 
-def test_tuple_outputs_are_refused_at_setup_with_the_fix() -> None:
-    with pytest.raises(PartitionError, match=r"TupleOutput.forward returns a tuple.*module='<submodule>'.*'net'"):
-        _setup(TupleOutput())
-    _setup(TupleOutput(), module="net")  # splitting the submodule that returns one tensor works
+class DictOutput(LitCNN):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"logits": self.net(x), "mean": x.mean()}
+
+
+class ListOutput(LitCNN):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        return [self.net(x), x.mean()]
+
+
+@pytest.mark.parametrize(("model", "kind"), [(TupleOutput, "tuple"), (DictOutput, "dict"), (ListOutput, "list")])
+def test_several_outputs_are_refused_at_setup_with_the_fix(model: type[LitCNN], kind: str) -> None:
+    with pytest.raises(PartitionError) as info:
+        _setup(model())
+    assert str(info.value) == (
+        f"{model.__name__}.forward returns a {kind}; lightning_cmp splits modules that return one tensor: pass "
+        "module='<submodule>' to split the submodule that does (its children holding layers: 'net')"
+    )
+    _setup(model(), module="net")  # splitting the submodule that returns one tensor works
 
 
 def test_non_tensor_inputs_are_refused_before_any_message() -> None:
