@@ -1,9 +1,11 @@
-"""Callbacks for measuring training runs: SamplesPerSecond (median training throughput)."""
+"""Callbacks for runs: SamplesPerSecond (median training throughput), PredictionWriter (predictions to CSV)."""
 
 from __future__ import annotations
 
+import csv
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-__all__ = ["SamplesPerSecond"]
+__all__ = ["PredictionWriter", "SamplesPerSecond"]
 
 
 class SamplesPerSecond(L.Callback):
@@ -83,6 +85,87 @@ class SamplesPerSecond(L.Callback):
             f"SamplesPerSecond: {self.samples_per_second:.1f} samples/s "
             f"(median of {len(self.batch_seconds)} batches, {self.seconds_per_batch:.3f} s/batch)"
         )
+
+
+class PredictionWriter(L.Callback):
+    """Write what ``predict_step`` returns to a CSV file: one row per sample, in the order of the predict loader.
+
+    Columns: ``index`` (position in the predict loader), ``prediction`` (or ``prediction_0``, ``prediction_1``,
+    ... when each sample's output has several values) and ``target`` when the batch is ``(inputs, targets)``.
+    ``lightning-cmp predict`` adds this callback itself; in Python, pass it to the Trainer. The file is written
+    by rank 0 when every worker sees the whole batch (``cmp``, ``mp``, ``gpipe``, one device); under data
+    parallelism (``ddp``) every rank writes its own share as ``<stem>.rank<r><suffix>``.
+
+    Args:
+        path: the CSV file to write (its folder is created).
+
+    Example:
+        >>> writer = PredictionWriter("runs/predictions.csv")
+        >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cmp", callbacks=[writer])  # doctest: +SKIP
+        >>> trainer.predict(model, datamodule=datamodule)  # doctest: +SKIP
+        >>> writer.rows  # doctest: +SKIP
+        10000
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.rows = 0
+        self._values: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor | None] = []
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = 0
+        self._values, self._targets = [], []
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not (trainer.is_global_zero or _data_shards(trainer) > 1):
+            return
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() == 0:
+            raise TypeError(
+                "PredictionWriter writes one CSV row per sample and needs predict_step to return a tensor whose "
+                f"first dimension is the batch, got {type(outputs).__name__}; return e.g. self(x).argmax(1)"
+            )
+        values = outputs.detach().cpu().reshape(len(outputs), -1)
+        target = batch[1] if isinstance(batch, list | tuple) and len(batch) > 1 else None
+        if not (isinstance(target, torch.Tensor) and target.dim() == 1 and len(target) == len(values)):
+            target = None
+        self._values.append(values)
+        self._targets.append(None if target is None else target.detach().cpu())
+
+    @override
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._values:
+            return
+        path = self.path
+        if _data_shards(trainer) > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        values = torch.cat(self._values)
+        known = [t for t in self._targets if t is not None]
+        _write_csv(path, values, torch.cat(known) if len(known) == len(self._targets) else None)
+        self.rows = len(values)
+        rank_zero_info(f"PredictionWriter: wrote {self.rows} predictions to {path}")
+
+
+def _write_csv(path: Path, values: torch.Tensor, targets: torch.Tensor | None) -> None:
+    width = values.shape[1]
+    header = ["index", *(["prediction"] if width == 1 else [f"prediction_{i}" for i in range(width)])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(header + (["target"] if targets is not None else []))
+        for i, row in enumerate(values.tolist()):
+            out.writerow([i, *row, *([int(targets[i])] if targets is not None else [])])
 
 
 def _batch_size(batch: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,27 +11,37 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-import lightning_cmp  # noqa: F401  (registers the strategies "cmp" and "mp" for --trainer.strategy=cmp)
-from lightning_cmp.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule
+import lightning_cmp  # noqa: F401  (registers the strategies "cmp", "mp" and "gpipe" for --trainer.strategy=cmp)
+from lightning_cmp.callbacks import PredictionWriter
+from lightning_cmp.data import FashionMNISTDataModule
 from lightning_cmp.models import ImageClassifier
 
-__all__ = ["CMPCLI", "DATAMODULES", "main", "make_cli", "parse_config"]
+# The short names --data=CIFAR10DataModule / --data=CIFAR100DataModule resolve because lightning_cmp.data is
+# imported (jsonargparse finds imported subclasses of LightningDataModule by class name).
 
-#: DataModules the CLI knows by short name (``--data=CIFAR10DataModule``); any importable class path works too.
-DATAMODULES = (FashionMNISTDataModule, CIFAR10DataModule, CIFAR100DataModule)
+__all__ = ["CMPCLI", "SEED", "TRAINER_DEFAULTS", "main", "make_cli", "parse_config"]
+
+#: What a bare ``lightning-cmp fit`` runs on (recipes and command-line flags override each entry):
+#: ``strategy="cmp"`` on 2 CPU processes for 1 epoch. Pass ``--trainer.accelerator=gpu`` for GPUs.
+TRAINER_DEFAULTS: dict[str, Any] = {"accelerator": "cpu", "devices": 2, "strategy": "cmp", "max_epochs": 1}
+
+#: Default of ``--seed_everything``: every run is reproducible unless a seed is given.
+SEED = 0
 
 
 class CMPCLI(LightningCLI):
-    """LightningCLI whose defaults are ``ImageClassifier`` on ``FashionMNISTDataModule``.
+    """LightningCLI whose defaults are ``ImageClassifier`` on ``FashionMNISTDataModule`` with ``strategy="cmp"``.
 
     Model and data are subclass choices, so ``--model=my_package.MyModule`` or ``--data=CIFAR10DataModule``
-    swap them; the strategy takes a name (``--trainer.strategy=cmp``) or a class with options
-    (``--trainer.strategy=lightning_cmp.CMPStrategy --trainer.strategy.init_args.num_stages=2``).
+    swap them. The strategy takes a registered name (``--trainer.strategy=mp``) with its defaults, or the
+    class with options (``--trainer.strategy=CMPStrategy --trainer.strategy.init_args.num_stages=2``); a name
+    cannot take ``init_args``. ``predict`` writes what ``predict_step`` returns to a CSV file
+    (``--predictions=PATH``, default ``<trainer.default_root_dir>/predictions.csv``).
 
     Example:
         >>> cli = CMPCLI(args=["--trainer.max_steps=1"], run=False)  # doctest: +SKIP
-        >>> type(cli.model).__name__  # doctest: +SKIP
-        'ImageClassifier'
+        >>> type(cli.model).__name__, cli.trainer.strategy.schedule  # doctest: +SKIP
+        ('ImageClassifier', 'cmp')
     """
 
     @override
@@ -41,6 +52,24 @@ class CMPCLI(LightningCLI):
                 "data": {"class_path": f"{FashionMNISTDataModule.__module__}.{FashionMNISTDataModule.__name__}"},
             }
         )
+        parser.add_argument(
+            "--predictions",
+            type=str | None,
+            default=None,
+            help="predict only: CSV file for the predictions (default: <trainer.default_root_dir>/predictions.csv)",
+        )
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand not in (None, "predict") and self.config[self.subcommand].get("predictions"):
+            self.parser.error(f"--predictions applies to `lightning-cmp predict`, not to {self.subcommand!r}")
+
+    def before_predict(self) -> None:
+        """Add a ``PredictionWriter``: ``trainer.predict`` returns the predictions, which a command would drop."""
+        path = self.config["predict"].get("predictions") or Path(self.trainer.default_root_dir) / "predictions.csv"
+        # Trainer.callbacks is set in Trainer.__init__, not declared on the class
+        callbacks: list[L.Callback] = self.trainer.callbacks  # type: ignore[attr-defined]
+        callbacks.append(PredictionWriter(path))
 
 
 def make_cli(
@@ -51,6 +80,8 @@ def make_cli(
     Example:
         >>> cli = make_cli(["--data.limit=64", "--trainer.max_steps=1"], run=False)  # doctest: +SKIP
     """
+    kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+    kwargs.setdefault("seed_everything_default", SEED)
     return cli_class(
         L.LightningModule,
         L.LightningDataModule,

@@ -18,7 +18,7 @@ __all__ = ["ImageClassifier"]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _build(arch: str, num_classes: int, cifar_stem: bool) -> nn.Module:
+def _build(arch: str, num_classes: int, cifar_stem: bool, cifar_head: bool) -> nn.Module:
     classifiers = torchvision.models.list_models(module=torchvision.models)
     if arch not in classifiers:
         raise ValueError(f"unknown arch {arch!r}; valid torchvision classifiers: {', '.join(classifiers)}")
@@ -29,6 +29,15 @@ def _build(arch: str, num_classes: int, cifar_stem: bool) -> nn.Module:
         # 32x32 inputs: a 3x3 stride-1 stem without max-pool keeps the 32x32 resolution into layer1.
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    if cifar_head:
+        if not isinstance(net, torchvision.models.VGG):
+            raise ValueError(f"cifar_head=True only applies to VGGs, not {arch!r}; use cifar_head=False")
+        # The ImageNet head pools to 7x7 and feeds 25088 -> 4096 -> 4096 -> N (~120M weights); a 32x32 image
+        # leaves the features at 512x1x1, so CIFAR VGGs classify those 512 values with one linear layer.
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+        net.classifier = nn.Linear(512, num_classes)
+        nn.init.normal_(net.classifier.weight, 0, 0.01)
+        nn.init.zeros_(net.classifier.bias)
     return net
 
 
@@ -42,6 +51,9 @@ class ImageClassifier(L.LightningModule):
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         cifar_stem: for ResNets on 32x32 images, replace the 7x7/2 stem and max-pool by a 3x3/1 conv.
+        cifar_head: for VGGs on 32x32 images, replace the ImageNet classifier (25088 -> 4096 -> 4096 -> N) by
+            one ``Linear(512, num_classes)`` after global average pooling, as CIFAR VGGs do (VGG-16: 134M -> 15M
+            parameters).
 
     Example:
         >>> model = ImageClassifier("resnet18", num_classes=10)
@@ -58,10 +70,11 @@ class ImageClassifier(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         cifar_stem: bool = False,
+        cifar_head: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = _build(arch, num_classes, cifar_stem)
+        self.net = _build(arch, num_classes, cifar_stem, cifar_head)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
