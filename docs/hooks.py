@@ -1,8 +1,14 @@
-"""MkDocs hook: replaces ``<!-- timetable ... -->`` markers with timetables rendered by the schedule layer."""
+"""MkDocs hook: expands ``<!-- timetable ... -->`` / ``<!-- makespans ... -->`` markers with tables built by the
+schedule layer, and ``<!-- output -->`` markers with what the page's code printed when run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
+import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 from lightning_cmp.schedule import SCHEDULES, lower, render, simulate
@@ -10,6 +16,9 @@ from lightning_cmp.schedule import SCHEDULES, lower, render, simulate
 # <!-- timetable schedule=cmp num_stages=4 -->  and  <!-- makespans num_stages=2,3,4 -->
 _TIMETABLE = re.compile(r"<!--\s*timetable\s+schedule=(\w+)\s+num_stages=(\d+)(?:\s+num_microbatches=(\d+))?\s*-->")
 _MAKESPANS = re.compile(r"<!--\s*makespans\s+num_stages=([\d,]+)\s*-->")
+# <!-- output --> after a ```python block: what the page's blocks printed since the previous marker
+_OUTPUT = re.compile(r"<!--\s*output\s*-->")
+_PYTHON = re.compile(r"^```python[^\n]*\n(.*?)\n```", re.DOTALL | re.MULTILINE)
 
 
 def timetable_block(schedule: str, num_stages: int, num_microbatches: int | None = None) -> str:
@@ -36,7 +45,46 @@ def makespan_table(stage_counts: list[int]) -> str:
     return "\n".join(rows)
 
 
-def on_page_markdown(markdown: str, **kwargs: Any) -> str:
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning logs its set-up ("GPU available: ...") to the console; the build output does not need it."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def with_outputs(markdown: str, name: str = "page") -> str:
+    """Run the page's ```python blocks in order in one namespace and put at every ``<!-- output -->`` marker a
+    ```text block with what they printed since the previous marker. Nothing printed is an error: the example
+    no longer shows what the page says it shows."""
+    if not _OUTPUT.search(markdown):
+        return markdown
+    events = [(m.start(), m.end(), m[1]) for m in _PYTHON.finditer(markdown)]
+    events += [(m.start(), m.end(), None) for m in _OUTPUT.finditer(markdown)]
+    namespace: dict[str, Any] = {"__name__": "docs"}
+    printed, pieces, done = io.StringIO(), [], 0
+    for start, end, code in sorted(events):
+        if code is not None:
+            with contextlib.redirect_stdout(printed), _quiet_lightning():
+                exec(compile(textwrap.dedent(code), name, "exec"), namespace)
+            continue
+        text = printed.getvalue().rstrip()
+        if not text:
+            raise RuntimeError(f"{name}: the code before <!-- output --> at offset {start} printed nothing")
+        pieces += [markdown[done:start], f'```text title="Output"\n{text}\n```']
+        printed, done = io.StringIO(), end
+    return "".join([*pieces, markdown[done:]])
+
+
+def on_page_markdown(markdown: str, page: Any = None, **kwargs: Any) -> str:
     """Expand the markers of every page before MkDocs converts it to HTML."""
+    name = page.file.src_path if page is not None else "page"
     markdown = _TIMETABLE.sub(lambda m: timetable_block(m[1], int(m[2]), int(m[3]) if m[3] else None), markdown)
-    return _MAKESPANS.sub(lambda m: makespan_table([int(k) for k in m[1].split(",")]), markdown)
+    markdown = _MAKESPANS.sub(lambda m: makespan_table([int(k) for k in m[1].split(",")]), markdown)
+    return with_outputs(markdown, name)

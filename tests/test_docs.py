@@ -1,33 +1,81 @@
-"""Every ```python block of the tutorial pages runs, so the docs cannot rot; the docs site builds strictly."""
+"""The tutorial pages run, so the docs cannot rot: every ```python block and every ``lightning-cmp`` command of a
+```bash block is executed, and the number run per page is pinned; the docs site builds strictly."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
+import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+
+from lightning_cmp.cli import CMPCLI, make_cli
+from tests.test_recipes import run_command, workdir
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter:UserWarning")
 
 DOCS = Path(__file__).parents[1] / "docs"
 TUTORIALS = ["index.md", "how-cmp-works.md", "choosing.md", "own-module.md", "troubleshooting.md", "recipes.md"]
 #: the only reasons a block may be left out: it needs hardware CI does not have
 SKIP_REASONS = {"gpu", "cluster"}
+#: per page: (```python blocks run, lightning-cmp commands run). A block that silently stops running (renamed to
+#: ```py, a command moved out of a ```bash block) changes these numbers; update them when you add or remove one.
+EXPECTED_RUNS = {
+    "index.md": (1, 2),
+    "how-cmp-works.md": (1, 0),
+    "choosing.md": (6, 0),
+    "own-module.md": (3, 0),
+    "troubleshooting.md": (9, 0),
+    "recipes.md": (0, 13),
+}
+#: the examples of troubleshooting.md, each printing one error
+EXPECTED_ERRORS = 12
+#: lines of ```bash blocks that are not run by the tests: installation and set-up
+SETUP = ("python3 -m venv ", "source .venv/bin/activate", "sudo apt-get install ", "python train.py", "mkdocs ")
+#: commands run for real only up to this many worker processes (the CI machine has 2 cores)
+MAX_WORKERS = 2
 
-_BLOCK = re.compile(r"(?P<before>[^\n]*)\n```python[^\n]*\n(?P<code>.*?)\n```", re.DOTALL)
+_FENCE = re.compile(r"(?P<before>[^\n]*)\n```(?P<lang>[\w-]*)[^\n]*\n(?P<code>.*?)\n```", re.DOTALL)
 _SKIP = re.compile(r"<!--\s*skip:\s*(?P<reason>[\w-]+)\s*-->")
+_CLI = ("lightning-cmp ", "python -m lightning_cmp.cli ")
+
+
+def fenced_blocks(page: str) -> list[tuple[str, str, str | None]]:
+    """(language, code, skip reason or None) for every fenced block, the reason taken from the line before it."""
+    blocks = []
+    for match in _FENCE.finditer((DOCS / page).read_text()):
+        skip = _SKIP.search(match["before"])
+        blocks.append((match["lang"], textwrap.dedent(match["code"]), skip["reason"] if skip else None))
+    return blocks
 
 
 def python_blocks(page: str) -> list[tuple[str, str | None]]:
-    """(code, skip reason or None) for every ```python block, the reason taken from the line before it."""
-    text = (DOCS / page).read_text()
-    blocks = []
-    for match in _BLOCK.finditer(text):
-        skip = _SKIP.search(match["before"])
-        blocks.append((textwrap.dedent(match["code"]), skip["reason"] if skip else None))
-    return blocks
+    """(code, skip reason or None) for every ```python block."""
+    return [(code, reason) for lang, code, reason in fenced_blocks(page) if lang == "python"]
+
+
+def commands(page: str) -> list[str]:
+    """The ``lightning-cmp`` command lines of the page's ```bash blocks (continuations joined, comments dropped)."""
+    found = []
+    for lang, code, _ in fenced_blocks(page):
+        if lang != "bash":
+            continue
+        for line in code.replace("\\\n", " ").splitlines():
+            line = " ".join(line.split("#")[0].split())
+            if line.startswith(_CLI):
+                found.append(line)
+            else:
+                assert not line or line.startswith(SETUP), f"{page}: run {line!r} in tests/test_docs.py or list it"
+    return found
 
 
 def _launches_workers(code: str) -> bool:
@@ -42,6 +90,36 @@ def _without_trainer(code: str) -> str:
     return ast.unparse(tree)
 
 
+def _cli_args(command: str) -> list[str]:
+    args = shlex.split(command)
+    return args[1:] if args[0] == "lightning-cmp" else args[3:]
+
+
+def _workers(command: str) -> int:
+    devices = re.search(r"--trainer\.devices[= ](\d+)", command)
+    return int(devices[1]) if devices else 2
+
+
+def _load_hooks() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    return hooks
+
+
+def test_every_block_is_run() -> None:
+    for page, (python, cli) in EXPECTED_RUNS.items():
+        text = (DOCS / page).read_text()
+        blocks = fenced_blocks(page)
+        assert 2 * len(blocks) == text.count("```"), f"{page}: a fence the tests do not see (indented?)"
+        languages = {lang for lang, _, _ in blocks}
+        assert languages <= {"python", "bash", "text"}, f"{page}: use ```python, ```bash or ```text, not {languages}"
+        ran = len([code for code, reason in python_blocks(page) if reason is None])
+        assert (ran, len(commands(page))) == (python, cli), f"{page}: update EXPECTED_RUNS if this is intended"
+    assert set(EXPECTED_RUNS) == set(TUTORIALS)
+
+
 def test_skip_markers_are_only_for_gpu_or_cluster_snippets() -> None:
     for page in TUTORIALS:
         for code, reason in python_blocks(page):
@@ -54,13 +132,47 @@ def test_quickstart_is_ten_lines() -> None:
 
 
 @pytest.mark.parametrize("page", TUTORIALS)
-def test_tutorial_blocks_run_in_process(page: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tutorial_blocks_run_in_process(page: str) -> None:
     namespace: dict[str, object] = {"__name__": "tutorial"}
     for code, reason in python_blocks(page):
         if reason is None:
             exec(compile(_without_trainer(code) if _launches_workers(code) else code, page, "exec"), namespace)
-    if page == "troubleshooting.md":  # every example there must show an error message
-        assert capsys.readouterr().out.count("Error: ") >= 6
+
+
+def test_troubleshooting_shows_every_error_it_describes() -> None:
+    """Every example prints one error: one that stops raising is caught (and the docs build fails on it)."""
+    source = (DOCS / "troubleshooting.md").read_text()
+    page = _load_hooks().with_outputs(source, "troubleshooting.md")
+    outputs = re.findall(r'```text title="Output"\n(.*?)\n```', page, re.DOTALL)
+    assert len(outputs) == source.count("<!-- output -->") == 8
+    errors = re.findall(r"^(\w+Error): ", "\n".join(outputs), re.MULTILINE)
+    assert len(errors) == EXPECTED_ERRORS == source.count("show(lambda")
+    assert set(errors) == {"CMPConfigError", "PartitionError", "FileNotFoundError"}
+    assert "CMPConfigError: strategy='cmp' splits the model over several workers" in page
+
+
+def _message_templates() -> list[str]:
+    """Every string literal of the package, formatted values shown as NUL: the texts errors are made from."""
+    templates = []
+    for path in (DOCS.parent / "lightning_cmp").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                templates.append(node.value)
+            elif isinstance(node, ast.JoinedStr):
+                parts = [v.value if isinstance(v, ast.Constant) else "\0" for v in node.values]
+                templates.append("".join(str(p) for p in parts))
+    return templates
+
+
+def test_troubleshooting_quotes_the_library_messages() -> None:
+    """An *italic quote* is message text: each part between ``...`` appears in one of the library's strings."""
+    text = (DOCS / "troubleshooting.md").read_text()
+    quotes = [" ".join(q.split()) for q in re.findall(r"(?<![*\w])\*(?!\*)([^*]+?)\*(?![*\w])", text)]
+    assert len(quotes) >= 10
+    templates = _message_templates()
+    for quote in quotes:
+        for part in filter(None, (p.strip() for p in quote.split("..."))):
+            assert any(part in t for t in templates), f"troubleshooting.md: {part!r} of {quote!r} is not in the code"
 
 
 LAUNCHING = [(page, code) for page in TUTORIALS for code, reason in python_blocks(page) if reason is None]
@@ -76,19 +188,84 @@ def test_tutorial_multiprocess_blocks_run_as_scripts(page: str, code: str, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+class _BuildOnly(CMPCLI):
+    """Parses the command and builds its model, data and Trainer (strategy included); runs nothing.
+
+    LightningCLI calls the CLI's own method named after the subcommand when there is one.
+    """
+
+    ran = ""
+
+    def fit(self, **kwargs: Any) -> None:
+        self.ran += "fit"
+
+    def validate(self, **kwargs: Any) -> None:
+        self.ran += "validate"
+
+    def test(self, **kwargs: Any) -> None:
+        self.ran += "test"
+
+    def predict(self, **kwargs: Any) -> None:
+        self.ran += "predict"
+
+
+COMMANDS = [(page, command) for page in TUTORIALS for command in commands(page)]
+
+
+@pytest.mark.parametrize("page,command", COMMANDS, ids=[f"{p}-{i}" for i, (p, _) in enumerate(COMMANDS)])
+def test_commands_build_in_process(
+    page: str, command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every documented command, in process: ``--print_config`` runs as written; the others build everything."""
+    monkeypatch.chdir(workdir())
+    args = _cli_args(command)
+    if "--print_config" in args:
+        with pytest.raises(SystemExit) as exited:
+            make_cli(args)
+        assert exited.value.code in (0, None) and "trainer:" in capsys.readouterr().out
+        return
+    cli = make_cli(args, cli_class=_BuildOnly)
+    assert isinstance(cli, _BuildOnly) and cli.ran == args[0] and cli.trainer is not None
+
+
+RUNNABLE = [
+    (page, [c for c in commands(page) if "--print_config" not in c and _workers(c) <= MAX_WORKERS])
+    for page in TUTORIALS
+]
+RUNNABLE = [(page, found) for page, found in RUNNABLE if found]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page,found", RUNNABLE, ids=[page for page, _ in RUNNABLE])
+def test_commands_run_as_written(page: str, found: list[str]) -> None:
+    """Each command runs in its own processes with ``TINY_RUN`` appended (2 steps, 32 images), in page order."""
+    for command in found:
+        run_command(command)
+    if page == "recipes.md":
+        assert (workdir() / "predictions.csv").is_file()
+
+
 def test_every_tutorial_page_is_in_the_nav() -> None:
     nav = (DOCS.parent / "mkdocs.yml").read_text()
     for page in TUTORIALS:
         assert f": {page}" in nav, f"{page} is missing from the nav of mkdocs.yml"
 
 
-PUBLIC = ["lightning_cmp", "lightning_cmp.data", "lightning_cmp.models", "lightning_cmp.cli"]
+PUBLIC = [
+    "lightning_cmp",
+    "lightning_cmp.data",
+    "lightning_cmp.models",
+    "lightning_cmp.cli",
+    "lightning_cmp.callbacks",
+    "lightning_cmp.partition",
+    "lightning_cmp.schedule",
+    "lightning_cmp.runtime",
+    "lightning_cmp.checkpoint_io",
+]
 
 
 @pytest.mark.parametrize("package", PUBLIC)
 def test_api_reference_lists_every_public_name(package: str) -> None:
-    import importlib
-
     api = (DOCS / "api.md").read_text()
     module = importlib.import_module(package)
     missing = [name for name in module.__all__ if f"::: {package}.{name}\n" not in api]
@@ -96,13 +273,32 @@ def test_api_reference_lists_every_public_name(package: str) -> None:
 
 
 def test_timetables_are_rendered_by_the_schedule_layer() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
-    assert spec is not None and spec.loader is not None
-    hooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
-    page = hooks.on_page_markdown((DOCS / "how-cmp-works.md").read_text())
+    page = _load_hooks().on_page_markdown((DOCS / "how-cmp-works.md").read_text())
     assert "<!--" not in page, "a marker was not expanded"
     assert page.count('```text title="cmp, num_stages=') == 3 and "rank 3:" in page
+    assert page.count('```text title="gpipe, num_stages=2, num_microbatches=4"') == 1
     assert "| `cmp` | 3.0 |" in page
+
+
+def test_docstrings_render_as_google_style() -> None:
+    spec = importlib.util.spec_from_file_location("griffe_examples", DOCS / "griffe_examples.py")
+    assert spec is not None and spec.loader is not None
+    extension = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extension)
+    sphinx = "Text.\n\nExample::\n\n    x = 1\n\n"
+    sphinx += ":class:`~a.b.C` and :meth:`parse` reads it back::\n\n    >>> 1\n    1\n"
+    assert extension.google_style(sphinx) == (
+        "Text.\n\nExamples:\n    ```python\n    x = 1\n    ```\n\n"
+        "[`C`][a.b.C] and `parse` reads it back:\n\n```pycon\n>>> 1\n1\n```\n"
+    )
+
+
+def test_docs_site_builds_strictly(tmp_path: Path) -> None:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    build = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(tmp_path)]
+    done = subprocess.run(build, cwd=DOCS.parent, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    api = re.sub(r"<pre.*?</pre>|<[^>]+>", "", (tmp_path / "api" / "index.html").read_text(), flags=re.DOTALL)
+    for leftover in (":class:", ":meth:", ":func:", "Example::", "]["):
+        assert leftover not in api, f"the API reference shows {leftover!r}: a docstring is not rendered"
+    assert "splits the model over several workers" in (tmp_path / "troubleshooting" / "index.html").read_text()
