@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import shlex
@@ -18,7 +19,9 @@ from typing import Any
 
 import pytest
 
+import lightning_cmp
 from lightning_cmp.cli import CMPCLI, make_cli
+from lightning_cmp.schedule import SCHEDULES
 from tests.test_recipes import run_command, workdir
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter:UserWarning")
@@ -51,8 +54,12 @@ _CLI = ("lightning-cmp ", "python -m lightning_cmp.cli ")
 
 def fenced_blocks(page: str) -> list[tuple[str, str, str | None]]:
     """(language, code, skip reason or None) for every fenced block, the reason taken from the line before it."""
+    return _fenced((DOCS / page).read_text())
+
+
+def _fenced(text: str) -> list[tuple[str, str, str | None]]:
     blocks = []
-    for match in _FENCE.finditer((DOCS / page).read_text()):
+    for match in _FENCE.finditer(text):
         skip = _SKIP.search(match["before"])
         blocks.append((match["lang"], textwrap.dedent(match["code"]), skip["reason"] if skip else None))
     return blocks
@@ -302,3 +309,21 @@ def test_docs_site_builds_strictly(tmp_path: Path) -> None:
     for leftover in (":class:", ":meth:", ":func:", "Example::", "]["):
         assert leftover not in api, f"the API reference shows {leftover!r}: a docstring is not rendered"
     assert "splits the model over several workers" in (tmp_path / "troubleshooting" / "index.html").read_text()
+
+
+#: CMPStrategy arguments every Lightning strategy has; the README's options table lists the others
+_PLUMBING = {"accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin"}
+_PLUMBING |= {"process_group_backend", "start_method"}
+
+
+def test_readme_points_to_the_docs_and_its_example_runs() -> None:
+    readme = (DOCS.parent / "README.md").read_text()
+    assert "[docs/index.md](docs/index.md)" in readme and "mkdocs serve" in readme
+    code = next(code for lang, code, _ in _fenced(readme) if lang == "python")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 10, code
+    exec(compile(_without_trainer(code), "README.md", "exec"), {"__name__": "readme"})
+    options = set(inspect.signature(lightning_cmp.CMPStrategy.__init__).parameters) - _PLUMBING - {"self"}
+    missing = [name for name in sorted(options) if f"| `{name}` " not in readme]
+    assert not missing, f"README.md: add {missing} to the options table"
+    for name in SCHEDULES:
+        assert f"| `{name}` " in readme, f"README.md: add the strategy {name!r} to the table"
