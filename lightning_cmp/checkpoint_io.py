@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A crash or an error while saving leaves the previous ``last.ckpt`` in place, never a truncated file;
     the rename is atomic on POSIX and Windows when both names are on one file system (hence the same folder).
-    Remote paths (``s3://``...) fall back to Lightning's own writer.
+    A process killed while saving leaves its temporary file (``.last.ckpt.<8 characters>.tmp``) behind; the
+    next successful save of that checkpoint removes it. Remote paths (``s3://``...) fall back to Lightning's
+    own writer.
 
     Example:
         >>> io = AtomicCheckpointIO()
@@ -46,7 +51,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+        _remove_stale_temporaries(target)
         return None
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete what killed saves of ``target`` left: only names ``mkstemp`` gave them (``.<name>.<8 chars>.tmp``)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if pattern.fullmatch(path.name):
+            with contextlib.suppress(OSError):  # gone already, or not ours to delete
+                path.unlink()
 
 
 def _is_local(path: _PATH) -> bool:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,42 @@ def test_a_crash_while_saving_keeps_the_previous_file(tmp_path: Path, monkeypatc
     io.save_checkpoint({"step": 3}, path)
     assert io.load_checkpoint(path)["step"] == 3
     assert os.listdir(path.parent) == ["last.ckpt"]
+
+
+# A process that dies (SIGKILL) half-way through torch.save, as when a node is lost while checkpointing.
+_KILLED_MID_SAVE = """
+import os, signal, sys, torch
+from lightning_cmp.checkpoint_io import AtomicCheckpointIO
+
+def half_then_die(obj, f, *args, **kwargs):
+    f.write(b"PK half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = half_then_die
+AtomicCheckpointIO().save_checkpoint({"step": 2}, sys.argv[1])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_save_killed_midway_leaves_a_temporary_file_the_next_save_removes(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for _ in range(2):  # two killed saves, two leftovers
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILLED_MID_SAVE), str(path)], env=env, timeout=90)
+        assert done.returncode == -signal.SIGKILL
+    stale = sorted(p.name for p in tmp_path.glob(".last.ckpt.*.tmp"))
+    assert len(stale) == 2, stale
+    assert io.load_checkpoint(path)["step"] == 1  # the killed saves never touched the checkpoint
+    # Files that only look alike belong to others: another checkpoint's temporaries, user files.
+    others = [".last.ckpt.bak.abcd1234.tmp", ".best.ckpt.abcd1234.tmp", ".last.ckpt.notes.tmp", "last.ckpt.tmp"]
+    for name in others:
+        (tmp_path / name).write_text("not ours")
+    io.save_checkpoint({"step": 3}, path)
+    assert io.load_checkpoint(path)["step"] == 3
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.ckpt", *others])
 
 
 def _umask() -> int:
