@@ -13,7 +13,8 @@ Config keys (all optional except ``out``, ``devices`` and ``runs``):
   ``"batch_start"`` (that batch's start), ``"epoch_end"`` (``on_train_epoch_end`` of epoch ``e``, before
   ``ModelCheckpoint`` saves), ``"save"`` (``on_save_checkpoint`` in epoch ``e``: while checkpointing) or
   ``"setup"`` (the ``setup`` hook: before ``ModelCheckpoint.setup`` broadcasts its folder, no pipeline yet);
-- ``nan_step``: from this global step on the module feeds NaN inputs; ``detect_anomaly`` is passed to the Trainer;
+- ``nan_step``: from this global step on the module feeds NaN inputs; ``inf_step``: from this step on its loss
+  overflows to +inf; ``detect_anomaly`` is passed to the Trainer;
 - ``same_data``: false gives every rank its own shuffled sampler with ``use_distributed_sampler=False``;
 - ``dict_batch``: batches are nested dicts (with a string field) that ``training_step`` unpacks;
 - ``expect_error``: go on with the next run when this one fails (on every rank alike);
@@ -42,17 +43,21 @@ from tests.helpers.lit import LitCNN, loader
 
 
 class NaNAfter(LitCNN):
-    """Feeds NaN inputs from global step ``nan_step`` on, like a corrupt sample would."""
+    """Feeds NaN inputs from global step ``nan_step`` on, like a corrupt sample would; from ``inf_step`` on
+    the loss overflows to +inf (as an unscaled fp16 loss or a log of zero would)."""
 
-    def __init__(self, nan_step: int | None = None) -> None:
+    def __init__(self, nan_step: int | None = None, inf_step: int | None = None) -> None:
         super().__init__()
-        self.nan_step = nan_step
+        self.nan_step, self.inf_step = nan_step, inf_step
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         if self.nan_step is not None and self.global_step >= self.nan_step:
             x = torch.full_like(x, float("nan"))
-        return super().training_step((x, y), batch_idx)
+        loss = super().training_step((x, y), batch_idx)
+        if self.inf_step is not None and self.global_step >= self.inf_step:
+            loss = loss * float("inf")
+        return loss
 
 
 class DictBatch(NaNAfter):
@@ -166,7 +171,7 @@ def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
         detect_anomaly=run.get("detect_anomaly", False),
         use_distributed_sampler=same_data,
     )
-    model = (DictBatch if run.get("dict_batch") else NaNAfter)(run.get("nan_step"))
+    model = (DictBatch if run.get("dict_batch") else NaNAfter)(run.get("nan_step"), run.get("inf_step"))
     data = loader() if same_data else per_rank_loader(int(os.environ.get("LOCAL_RANK", "0")))
     if run.get("dict_batch"):
         data = dict_loader()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 
+import lightning as L
 import pytest
 from torch.distributed import DistBackendError
 
+from lightning_cmp import CMPStrategy
 from lightning_cmp.runtime.comm import PeerLostError, peers_lost
 from tests.reliability.launch import launch
 
@@ -44,9 +47,10 @@ def test_sigkilled_worker_stops_the_others_and_is_named(tmp_path: Path) -> None:
     _, errors, _ = _run_fault(tmp_path, devices=3, rank=2, how="sigkill")
     assert 2 not in errors  # it was killed: it wrote nothing
     assert 0 in errors, "rank 0 did not report"
-    # every rank that reported names rank 2, not the neighbour whose exit it noticed first
+    # Every survivor names rank 2, not the neighbour whose exit it noticed first. Each reports within about
+    # 1 s, before Lightning's observer (polling every 5 s) kills it: 35 of 35 runs had both reports.
     assert errors[0].startswith("PeerLostError: rank 2 (peer of rank 0) stopped answering")
-    assert 1 not in errors or errors[1].startswith("PeerLostError: rank 2 (peer of rank 1) stopped answering")
+    assert errors[1].startswith("PeerLostError: rank 2 (peer of rank 1) stopped answering")
 
 
 @pytest.mark.timeout(300)
@@ -101,3 +105,11 @@ def test_a_lost_peer_is_recognised_when_wrapped_in_another_error() -> None:
         assert peers_lost(wrapped)
     assert peers_lost(DistBackendError("NCCL communicator was aborted"))
     assert not peers_lost(RuntimeError("injected failure on rank 1"))
+
+
+def test_a_hung_peer_is_given_up_after_120_s_by_default() -> None:
+    # The process group's timeout (what a worker waits for a hung peer); torch's own default is 30 min.
+    assert CMPStrategy()._timeout == timedelta(seconds=120)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cmp", logger=False)
+    assert trainer.strategy._timeout == timedelta(seconds=120)  # type: ignore[attr-defined]
+    assert CMPStrategy(timeout=timedelta(seconds=5))._timeout == timedelta(seconds=5)

@@ -1,4 +1,4 @@
-"""A NaN loss behaves as on one device (anomaly error, or NaN weights), and the replicas stay identical.
+"""A NaN or Inf loss behaves as on one device (anomaly error, or NaN weights), and the replicas stay identical.
 
 The same launch also checks two data set-ups: nested-dict batches, and ranks given different data.
 """
@@ -20,8 +20,8 @@ from tests.strategy.test_trainer import assert_states_close, single_device
 NAN_STEP = 2
 
 
-def _single_device(detect_anomaly: bool) -> tuple[NaNAfter, str | None]:
-    model = NaNAfter(NAN_STEP)
+def _single_device(detect_anomaly: bool, inf: bool = False) -> tuple[NaNAfter, str | None]:
+    model = NaNAfter(None, NAN_STEP) if inf else NaNAfter(NAN_STEP)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -43,33 +43,46 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.dtype == torch.float32 else t
 
 
+def _assert_like_single_device(ranks: list[dict], ref: NaNAfter) -> None:
+    """Every rank's weights equal the single device's (same NaN and Inf places), and each stage's two copies
+    (replica A on one worker, B on the other) are bitwise identical."""
+    for got in ranks:
+        for name, value in ref.state_dict().items():
+            assert torch.equal(got["state"][name].isnan(), value.isnan()), name
+            assert torch.equal(got["state"][name].isinf(), value.isinf()), name
+            assert torch.allclose(got["state"][name].nan_to_num(), value.nan_to_num(), rtol=1e-5, atol=1e-7)
+    assert any(v.isnan().any() for v in ref.state_dict().values())
+    copies = {key: state for got in ranks for key, state in got["copies"].items()}
+    for stage in (0, 1):
+        a, b = copies[f"0,{stage}"], copies[f"1,{stage}"]
+        for name in a:
+            assert torch.equal(_bits(a[name]), _bits(b[name])), (stage, name)
+
+
 @pytest.mark.timeout(300)
 def test_nan_loss_matches_single_device_and_replicas_stay_identical(tmp_path: Path) -> None:
     runs = [
         {"name": "dict", "dict_batch": True},  # the other checks of this launch
         {"name": "sampler", "same_data": False, "expect_error": True},  # one launch for both files' checks
         {"name": "nan", "nan_step": NAN_STEP},
+        {"name": "nan-parameter", "nan_step": NAN_STEP, "averaging": "parameter"},
+        {"name": "inf", "inf_step": NAN_STEP},
         {"name": "anomaly", "nan_step": NAN_STEP, "detect_anomaly": True},  # raises: last
     ]
     outcome = launch("tests.reliability.scenario", {"out": str(tmp_path), "devices": 2, "runs": runs})
     assert outcome.leftovers == []
     assert outcome.returncode == 1, outcome.log[-3000:]
 
-    # Without detect_anomaly training goes on, with the same NaN weights as on one device.
+    # Without detect_anomaly training goes on, with the same NaN weights as on one device, whether the
+    # replicas sum gradients or average weights (every step), and for a loss that overflows to +inf.
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     ref, error = _single_device(detect_anomaly=False)
     assert error is None
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["nan"] for r in range(2)]
-    for got in ranks:
-        for name, value in ref.state_dict().items():
-            assert torch.equal(got["state"][name].isnan(), value.isnan()), name
-            assert torch.allclose(got["state"][name].nan_to_num(), value.nan_to_num(), rtol=1e-5, atol=1e-7)
-    assert any(v.isnan().any() for v in ref.state_dict().values())
-    # Each stage's two copies (replica A on one worker, B on the other) are bitwise identical.
-    copies = {key: state for got in ranks for key, state in got["copies"].items()}
-    for stage in (0, 1):
-        a, b = copies[f"0,{stage}"], copies[f"1,{stage}"]
-        for name in a:
-            assert torch.equal(_bits(a[name]), _bits(b[name])), (stage, name)
+    for run in ("nan", "nan-parameter"):
+        _assert_like_single_device([got[run] for got in results], ref)
+    ref_inf, error = _single_device(detect_anomaly=False, inf=True)
+    assert error is None
+    _assert_like_single_device([got["inf"] for got in results], ref_inf)
 
     # With detect_anomaly every worker raises torch's anomaly error, as the single device does.
     _, ref_error = _single_device(detect_anomaly=True)
