@@ -1,6 +1,6 @@
 """lightning_cmp: cross model parallelism for PyTorch Lightning (``Trainer(strategy="cmp")``).
 
-Importing the package registers the strategies ``"cmp"`` and ``"mp"`` with Lightning (both the
+Importing the package registers the strategies ``"cmp"``, ``"mp"`` and ``"gpipe"`` with Lightning (both the
 ``lightning`` and the ``pytorch_lightning`` packages, when installed).
 """
 
@@ -8,7 +8,7 @@ from lightning_cmp.errors import CMPConfigError, PartitionError, ScheduleError
 from lightning_cmp.strategy import CMPStrategy
 
 __all__ = ["CMPConfigError", "CMPStrategy", "PartitionError", "ScheduleError", "register"]
-__version__ = "0.1.0"
+__version__ = "0.1.0.dev0"  # keep equal to pyproject.toml
 
 
 def register() -> None:

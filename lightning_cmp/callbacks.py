@@ -26,7 +26,7 @@ class SamplesPerSecond(L.Callback):
     Args:
         warmup: training batches to skip before recording (allocator, thread pools, first communication).
 
-    Example:
+    Examples:
         >>> speed = SamplesPerSecond(warmup=5)
         >>> trainer = L.Trainer(callbacks=[speed], max_epochs=1)  # doctest: +SKIP
         >>> trainer.fit(model, datamodule)  # doctest: +SKIP
@@ -99,7 +99,7 @@ class PredictionWriter(L.Callback):
     Args:
         path: the CSV file to write (its folder is created).
 
-    Example:
+    Examples:
         >>> writer = PredictionWriter("runs/predictions.csv")
         >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cmp", callbacks=[writer])  # doctest: +SKIP
         >>> trainer.predict(model, datamodule=datamodule)  # doctest: +SKIP

@@ -28,7 +28,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     next successful save of that checkpoint removes it. Remote paths (``s3://``...) fall back to Lightning's
     own writer.
 
-    Example:
+    Examples:
         >>> io = AtomicCheckpointIO()
         >>> io.save_checkpoint({"step": 1}, "/tmp/run/last.ckpt")  # doctest: +SKIP
     """

@@ -38,7 +38,7 @@ class CMPCLI(LightningCLI):
     cannot take ``init_args``. ``predict`` writes what ``predict_step`` returns to a CSV file
     (``--predictions=PATH``, default ``<trainer.default_root_dir>/predictions.csv``).
 
-    Example:
+    Examples:
         >>> cli = CMPCLI(args=["--trainer.max_steps=1"], run=False)  # doctest: +SKIP
         >>> type(cli.model).__name__, cli.trainer.strategy.schedule  # doctest: +SKIP
         ('ImageClassifier', 'cmp')
@@ -77,7 +77,7 @@ def make_cli(
 ) -> CMPCLI:
     """Build the CLI (``run=False``: parse and instantiate only, as the tests do).
 
-    Example:
+    Examples:
         >>> cli = make_cli(["--data.limit=64", "--trainer.max_steps=1"], run=False)  # doctest: +SKIP
     """
     kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
@@ -103,7 +103,7 @@ class _ParseOnly(CMPCLI):
 def parse_config(args: Sequence[str]) -> Namespace:
     """Parse a command line (without the subcommand) into the full config; instantiates nothing.
 
-    Example:
+    Examples:
         >>> config = parse_config(["--config=recipes/resnet18_fashion_mnist_cmp.yaml"])  # doctest: +SKIP
         >>> config.trainer.strategy.init_args.num_stages  # doctest: +SKIP
         2

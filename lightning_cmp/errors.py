@@ -22,7 +22,7 @@ class ScheduleError(RuntimeError):
 def unknown_name(what: str, value: object, valid: Iterable[str]) -> CMPConfigError:
     """The error for a name missing from a registry, listing the valid names.
 
-    Example:
+    Examples:
         >>> str(unknown_name("schedule", "cpm", ["cmp", "mp"]))
         "unknown schedule 'cpm'; valid: 'cmp', 'mp'"
     """

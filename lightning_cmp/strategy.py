@@ -71,16 +71,15 @@ class CMPStrategy(ParallelStrategy):
         timeout: how long a worker waits for a peer that stopped answering before it fails with an error
             naming that peer's rank (default 120 s; a dead peer is noticed at once). Raise it when one step,
             the first-batch profiling or writing a checkpoint can keep the other workers waiting longer.
-        checkpoint_io: defaults to :class:`~lightning_cmp.checkpoint_io.AtomicCheckpointIO` (a crash while
-            saving keeps the previous file).
+        checkpoint_io: defaults to [`AtomicCheckpointIO`][lightning_cmp.checkpoint_io.AtomicCheckpointIO]
+            (a crash while saving keeps the previous file).
 
-    Example::
-
-        import lightning as L
-        import lightning_cmp  # registers "cmp" and "mp"
-
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cmp", max_epochs=1)
-        trainer = L.Trainer(devices=2, strategy=lightning_cmp.CMPStrategy(partition=[5], module="net"))
+    Examples:
+        >>> import lightning as L
+        >>> import lightning_cmp  # registers "cmp", "mp" and "gpipe"
+        >>> strategy = lightning_cmp.CMPStrategy(partition=[5], module="net")
+        >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1)  # doctest: +SKIP
+        >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cmp", max_epochs=1)  # doctest: +SKIP
     """
 
     strategy_name = "cmp"

@@ -37,7 +37,7 @@ RUNS: dict[str, list[str]] = {
 def parse_result(stdout: str) -> dict[str, float | None]:
     """Test accuracy and samples/s from the quickstart's output.
 
-    Example:
+    Examples:
         >>> parse_result("test accuracy: 0.8123\\ntraining throughput: 51.2 samples/s\\n")
         {'test_acc': 0.8123, 'samples_per_s': 51.2}
     """

@@ -44,7 +44,7 @@ def run_workers(fn: Callable[..., Any], world: int, timeout: float = 600, **kwar
     seconds they are killed and a ``TimeoutError`` names the ranks that did not report. ``fn`` must be
     importable by the spawned workers (a module-level function).
 
-    Example:
+    Examples:
         >>> run_workers(my_module.train, 2, steps=3)  # doctest: +SKIP
         [{'rank': 0, ...}, {'rank': 1, ...}]
     """

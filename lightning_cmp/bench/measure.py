@@ -15,7 +15,7 @@ def peak_rss_mib() -> float:
 
     Each method runs in fresh processes, so the mark is that method's peak (Python and torch included).
 
-    Example:
+    Examples:
         >>> peak_rss_mib() > 0
         True
     """
@@ -26,7 +26,7 @@ def peak_rss_mib() -> float:
 def summarize(per_rank: list[dict[str, Any]], steps: int, batch_size: int) -> dict[str, Any]:
     """Samples/s (median over repeats, rank 0's clock), peak RSS and idle fraction per worker.
 
-    Example:
+    Examples:
         >>> row = summarize([{"seconds": [1.0, 2.0, 1.0], "compute": [], "rss_mib": 300.0}], 4, 8)
         >>> row["samples_per_s"], row["peak_rss_mib"], row["idle_fraction"]
         (32.0, [300.0], None)

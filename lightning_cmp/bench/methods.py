@@ -126,7 +126,7 @@ def run_method(
 
     Every rank returns its peak RSS and (our schedules) its per-step executor timings and compute fraction.
 
-    Example:
+    Examples:
         >>> run_workers(run_method, 2, method="cmp", model="tiny", cuts=[5], steps=2, repeats=3,
         ...             batch_size=16, size=16)  # doctest: +SKIP
     """

@@ -17,7 +17,7 @@ _VGG16 = (32, 32, "M", 64, 64, "M", 128, 128, 128, "M", 256, 256, 256, "M", 256,
 def vgg16(num_classes: int = 10) -> nn.Module:
     """A VGG-16-style CNN for 32x32 inputs: 13 conv+BN+ReLU layers at half width, then a linear classifier.
 
-    Example:
+    Examples:
         >>> vgg16()(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
@@ -53,7 +53,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {"vgg": vgg16, "resnet18": resnet18
 def build(name: str) -> nn.Module:
     """Model ``name`` with the same initial weights in every process.
 
-    Example:
+    Examples:
         >>> sum(p.numel() for p in build("tiny").parameters()) > 0
         True
     """
@@ -64,7 +64,7 @@ def build(name: str) -> nn.Module:
 def make_batches(count: int, batch_size: int, size: int) -> list[tuple[Tensor, Tensor]]:
     """``count`` random (images, labels) batches, identical in every process.
 
-    Example:
+    Examples:
         >>> x, y = make_batches(1, 4, 32)[0]
         >>> tuple(x.shape), tuple(y.shape)
         ((4, 3, 32, 32), (4,))

@@ -41,7 +41,7 @@ PROJECTED = (("mp", "mp", 1), ("gpipe4", "gpipe", 4), ("cmp", "cmp", 1))
 def block_costs(chain: Chain, x: Tensor, rows: list[int]) -> dict[int, list[tuple[float, float]]]:
     """Per-block (forward, backward) seconds for each batch size in ``rows`` (the first ``n`` rows of ``x``).
 
-    Example:
+    Examples:
         >>> costs = block_costs(trace_chain(model), batch, rows=[64, 32])  # doctest: +SKIP
         >>> len(costs[32]) == chain.num_blocks  # doctest: +SKIP
         True
@@ -107,7 +107,7 @@ def _pingpong(rank: int, world: int, sizes: list[int], repeats: int = 5) -> list
 def send_seconds(sizes: list[int]) -> list[float]:
     """One-way gloo transfer time of messages of ``sizes`` bytes between two processes (median ping-pong).
 
-    Example:
+    Examples:
         >>> send_seconds([1 << 20])  # doctest: +SKIP
         [0.0004]
     """
@@ -117,7 +117,7 @@ def send_seconds(sizes: list[int]) -> list[float]:
 def send_model(sizes: list[int], seconds: list[float]) -> Callable[[int], float]:
     """Message time for any size: piecewise-linear through the measured points, linear beyond the largest.
 
-    Example:
+    Examples:
         >>> model = send_model([100, 200], [1.0, 2.0])
         >>> model(150), model(400), model(0)
         (1.5, 4.0, 1.0)
@@ -163,7 +163,7 @@ def predict(model: StepModel, ks: range) -> dict[str, dict[int, float]]:
     The simulator scales a whole-batch cost down by the number of microbatches; each schedule gets its own
     microbatch size's measured costs scaled up by the same factor, so the simulator sees the real time.
 
-    Example:
+    Examples:
         >>> costs = {8: [(1.0, 2.0)] * 8, 4: [(0.5, 1.0)] * 8, 2: [(0.25, 0.5)] * 8}
         >>> m = StepModel(8, costs, [4] * 8, [4] * 8, lambda n: 0.0, 0.0, 0.0)
         >>> predict(m, range(2, 3))["cmp"][2]

@@ -18,7 +18,7 @@ def _fmt_list(values: list[float] | None, pattern: str) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One line per method; ``vs mp`` is the samples/s ratio to the ``mp`` row (``n/a`` without one).
 
-    Example:
+    Examples:
         >>> print(markdown_table([{"method": "mp", "label": "mp", "workers": 2, "samples_per_s": 10.0,
         ...     "peak_rss_mib": [300.0, 310.0], "idle_fraction": [0.5, 0.5]}]).splitlines()[2])
         | mp | 2 | 10.0 | 1.00 | 300 / 310 | 0.50 / 0.50 |
@@ -40,7 +40,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def projection_table(predicted: dict[str, dict[int, float]], measured: dict[str, float], k: int) -> str:
     """Predicted seconds per step for each K, and predicted vs measured at the K that ran.
 
-    Example:
+    Examples:
         >>> print(projection_table({"mp": {2: 0.5}}, {"mp": 0.6}, 2).splitlines()[2])
         | mp | 0.500 | 0.500 | 0.600 |
     """

@@ -17,7 +17,7 @@ def plot_timelines(runs: dict[str, Sequence[Sequence[Timing]]], path: Path) -> P
 
     Gaps inside the step (white) are time outside the executor: loss, optimizer step, Python.
 
-    Example:
+    Examples:
         >>> plot_timelines({"mp": mp_timings, "cmp": cmp_timings}, out / "timeline.png")  # doctest: +SKIP
     """
     import matplotlib

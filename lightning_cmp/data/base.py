@@ -19,7 +19,7 @@ def augment(x: torch.Tensor, crop_padding: int, flip: bool, fill: float, generat
     Works on a whole (N, C, H, W) batch at once with its own generator, so every worker that draws the same
     batches draws the same crops (pipelines need every worker to see the same batch).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> augment(torch.zeros(8, 3, 32, 32), crop_padding=4, flip=True, fill=0.0, generator=g).shape
         torch.Size([8, 3, 32, 32])

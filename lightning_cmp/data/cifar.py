@@ -17,7 +17,7 @@ __all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "read_cifar"]
 def read_cifar(folder: str | Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Read torchvision-format CIFAR pickle batches into (N, 3, 32, 32) uint8 images and int64 labels.
 
-    Example:
+    Examples:
         >>> x, y = read_cifar("data/cifar-10-batches-py", ["test_batch"], "labels")  # doctest: +SKIP
         >>> x.shape, y.shape  # doctest: +SKIP
         (torch.Size([10000, 3, 32, 32]), torch.Size([10000]))
@@ -127,7 +127,7 @@ class CIFAR10DataModule(_CIFARDataModule):
         random_crop: pad by this many pixels and crop back at random (0: off).
         horizontal_flip: flip half of the training images left-right.
 
-    Example:
+    Examples:
         >>> dm = CIFAR10DataModule("data", batch_size=32, limit=1000)  # doctest: +SKIP
         >>> dm.prepare_data(); dm.setup("fit")  # doctest: +SKIP
     """
@@ -146,7 +146,7 @@ class CIFAR100DataModule(_CIFARDataModule):
 
     Reads ``data_dir/cifar-100-python``; use ``ImageClassifier(num_classes=100)`` with it.
 
-    Example:
+    Examples:
         >>> dm = CIFAR100DataModule("data", batch_size=32, limit=1000)  # doctest: +SKIP
     """
 

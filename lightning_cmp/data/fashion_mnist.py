@@ -39,7 +39,7 @@ _IDX_DTYPES = {
 def read_idx(path: str | Path) -> torch.Tensor:
     """Read an IDX file (plain or ``.gz``) into a tensor of its stored shape and type.
 
-    Example:
+    Examples:
         >>> images = read_idx("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
         >>> images.shape, images.dtype
         (torch.Size([10000, 28, 28]), torch.uint8)
@@ -106,7 +106,7 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
         random_crop: training augmentation: pad by this many pixels and crop back at random (0: off).
         horizontal_flip: training augmentation: flip half of the images left-right.
 
-    Example:
+    Examples:
         >>> dm = FashionMNISTDataModule(limit=1000, batch_size=32)
         >>> dm.setup("fit")
         >>> x, y = next(iter(dm.train_dataloader()))

@@ -55,7 +55,7 @@ class ImageClassifier(L.LightningModule):
             one ``Linear(512, num_classes)`` after global average pooling, as CIFAR VGGs do (VGG-16: 134M -> 15M
             parameters).
 
-    Example:
+    Examples:
         >>> model = ImageClassifier("resnet18", num_classes=10)
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])

@@ -30,12 +30,12 @@ def trace_chain(module: nn.Module, name: str = "model") -> Chain:
         name: how error messages call the module (e.g. ``"model"`` or ``"model.net"``).
 
     Returns:
-        The :class:`Chain` of blocks; its stage modules share the parameters of ``module``.
+        The `Chain` of blocks; its stage modules share the parameters of ``module``.
 
     Raises:
         PartitionError: fx cannot trace the forward, or it does not map one tensor to one tensor.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten())
         >>> chain = trace_chain(net)
         >>> chain.num_blocks, chain.block_names
@@ -49,7 +49,7 @@ def trace_chain(module: nn.Module, name: str = "model") -> Chain:
 class Chain:
     """A traced module cut into ``num_blocks`` blocks; block i's output is block i+1's only input.
 
-    Example:
+    Examples:
         >>> chain = trace_chain(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)))
         >>> first, second = chain.stage_module(0, 2), chain.stage_module(2, 3)
         >>> x = torch.randn(1, 4)
@@ -81,7 +81,7 @@ class Chain:
         Submodules, parameters and buffers are shared with the traced module by reference, so training
         the stage trains the original. Only the attributes the stage uses are attached to it.
 
-        Example:
+        Examples:
             >>> chain = trace_chain(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
             >>> stage = chain.stage_module(2, 3)
             >>> stage.get_submodule("2") is chain.root[2]
@@ -102,7 +102,7 @@ class Chain:
     def stage_state_names(self, first_block: int, stop_block: int) -> tuple[list[str], list[str]]:
         """Qualified names (as in ``module.named_parameters()`` / ``named_buffers()``) the stage uses.
 
-        Example:
+        Examples:
             >>> chain = trace_chain(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
             >>> chain.stage_state_names(1, 2)
             (['1.weight', '1.bias'], ['1.running_mean', '1.running_var', '1.num_batches_tracked'])
@@ -116,7 +116,7 @@ class Chain:
     def check_cuts_share_nothing(self, cuts: Sequence[int]) -> None:
         """Raise if a parameter or buffer is used by two stages of the split ``cuts`` (e.g. tied weights).
 
-        Example:
+        Examples:
             >>> lin = nn.Linear(4, 4)
             >>> chain = trace_chain(nn.Sequential(lin, nn.ReLU(), lin))
             >>> chain.check_cuts_share_nothing([1])

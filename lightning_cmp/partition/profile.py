@@ -23,7 +23,7 @@ def profile_blocks(chain: Chain, example_input: Tensor, repeats: int = 3) -> lis
     afterwards, and it works under ``torch.no_grad()`` / ``torch.inference_mode()``. A block whose output
     does not require grad (nothing to differentiate) reports a backward time of 0.0.
 
-    Example:
+    Examples:
         >>> from lightning_cmp.partition import trace_chain
         >>> chain = trace_chain(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
         >>> times = profile_blocks(chain, torch.randn(4, 8))

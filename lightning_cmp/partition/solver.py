@@ -28,7 +28,7 @@ POLICIES = ("uniform", "balanced")
 def too_few_blocks(num_stages: int, num_blocks: int) -> PartitionError:
     """The error for asking for more stages than there are blocks.
 
-    Example:
+    Examples:
         >>> str(too_few_blocks(5, 4)).split(";")[0]
         'num_stages=5 but the model has only 4 blocks that can be cut'
     """
@@ -41,7 +41,7 @@ def too_few_blocks(num_stages: int, num_blocks: int) -> PartitionError:
 def check_num_stages(num_blocks: int, num_stages: int) -> None:
     """Raise ``PartitionError`` unless ``1 <= num_stages <= num_blocks``.
 
-    Example:
+    Examples:
         >>> check_num_stages(4, 4)
         >>> check_num_stages(4, 5)
         Traceback (most recent call last):
@@ -57,7 +57,7 @@ def check_num_stages(num_blocks: int, num_stages: int) -> None:
 def uniform_cuts(num_blocks: int, num_stages: int) -> list[int]:
     """Cuts giving every stage the same number of blocks; the first ``num_blocks % num_stages`` get one more.
 
-    Example:
+    Examples:
         >>> uniform_cuts(10, 3)
         [4, 7]
     """
@@ -71,7 +71,7 @@ def balanced_cuts(costs: Sequence[float], num_stages: int) -> list[int]:
 
     Among optimal splits the lexicographically smallest cuts win, so the answer is deterministic.
 
-    Example:
+    Examples:
         >>> balanced_cuts([1, 1, 1, 3], 2)
         [3]
         >>> balanced_cuts([1, 1, 1, 1], 3)
@@ -108,7 +108,7 @@ def _suffix_bottlenecks(prefix: list[float], num_stages: int) -> list[list[float
 def check_cuts(cuts: Sequence[int], num_blocks: int, num_stages: int) -> list[int]:
     """Validate user cuts and return them as a list; errors name the bad value and the fix.
 
-    Example:
+    Examples:
         >>> check_cuts([3, 7], num_blocks=12, num_stages=3)
         [3, 7]
     """
@@ -139,7 +139,7 @@ def resolve_cuts(
 ) -> list[int]:
     """Turn a partition policy (``"uniform"``, ``"balanced"`` or explicit cuts) into checked cuts.
 
-    Example:
+    Examples:
         >>> resolve_cuts("uniform", 6, 3)
         [2, 4]
         >>> resolve_cuts("balanced", 3, 2, costs=[4.0, 1.0, 1.0])
@@ -166,7 +166,7 @@ def resolve_cuts(
 def stage_costs(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
     """The summed cost of each stage of the split ``cuts``.
 
-    Example:
+    Examples:
         >>> stage_costs([1.0, 2.0, 3.0, 4.0], [2])
         [3.0, 7.0]
     """

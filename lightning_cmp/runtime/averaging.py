@@ -52,7 +52,7 @@ def unflatten_into(flats: dict[torch.dtype, Tensor], tensors: Sequence[Tensor]) 
 
 
 def flatten_into(tensors: Sequence[Tensor], flats: dict[torch.dtype, Tensor]) -> None:
-    """Copy ``tensors`` end to end into their dtype's flat buffer (the inverse of :func:`unflatten_into`)."""
+    """Copy ``tensors`` end to end into their dtype's flat buffer (the inverse of `unflatten_into`)."""
     for t, view in zip(tensors, flat_views(flats, tensors), strict=True):
         view.copy_(t)
 
@@ -94,14 +94,14 @@ class Averager:
     normalised by the global batch, so the sum is the single-device gradient) and averages float buffers
     such as BatchNorm running statistics. Both sides compute ``a + b``, so the copies stay bitwise identical.
 
-    Once a copy is :meth:`arm`-ed (just before its last backward of the step), its gradients are sent in
+    Once a copy is `arm`-ed (just before its last backward of the step), its gradients are sent in
     buckets of about ``bucket_bytes`` as soon as backward has produced them (a post-accumulate-grad hook), so
-    the exchange overlaps the rest of that backward; :meth:`start_gradients` sends what is left.
+    the exchange overlaps the rest of that backward; `start_gradients` sends what is left.
 
-    A mirror on the same host (CPU) is reached through shared memory (:mod:`lightning_cmp.runtime.shm`)
+    A mirror on the same host (CPU) is reached through shared memory (`lightning_cmp.runtime.shm`)
     unless ``shared_memory=False``; other mirrors through the process group (gloo or NCCL point-to-point).
 
-    Example:
+    Examples:
         >>> averager = Averager(comm, copies)  # doctest: +SKIP
         >>> averager.arm(0, 1, peer=2); ...; averager.start_gradients(0, 1, peer=2); averager.wait()  # doctest: +SKIP
     """
@@ -203,7 +203,7 @@ class Averager:
         self._pending.clear()
 
     def _exchange(self, stage: int, tensors: list[Tensor], combine: Combine, peer: int, channel: int) -> None:
-        """Swap ``tensors`` with ``peer``, then set each to ``combine(own, other)``; finished by :meth:`wait`."""
+        """Swap ``tensors`` with ``peer``, then set each to ``combine(own, other)``; finished by `wait`."""
         if not tensors:
             return
         if peer in self.shared_peers:

@@ -36,7 +36,7 @@ class PeerLostError(RuntimeError):
 def peers_lost(exception: BaseException) -> bool:
     """Whether ``exception`` is, or was raised because of, a failed message or collective (a peer died or hung).
 
-    Example:
+    Examples:
         >>> peers_lost(PeerLostError("rank 1 (peer of rank 0) stopped answering"))
         True
         >>> peers_lost(RuntimeError("injected failure on rank 1"))
@@ -93,11 +93,11 @@ def _empty_from_header(head: Tensor, device: torch.device) -> Tensor:
 class Comm:
     """Messages between the ``ranks`` of one pipeline group, addressed by position in the group.
 
-    Sends are non-blocking and remembered until :meth:`wait_sends`; receives block. A tensor's shape and
+    Sends are non-blocking and remembered until `wait_sends`; receives block. A tensor's shape and
     dtype travel in a small header first, so receivers never need to know them in advance (the last batch
     of an epoch, validation batches and autocast dtypes all just work).
 
-    Example:
+    Examples:
         >>> comm = Comm(ranks=[0, 1], me=0, device=torch.device("cpu"))  # doctest: +SKIP
         >>> comm.send(torch.ones(2, 3), peer=1, tag=7)  # doctest: +SKIP
     """

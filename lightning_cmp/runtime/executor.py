@@ -41,7 +41,7 @@ class Step:
 class Executor:
     """Executes actions for one rank over its stage copies; every kind has exactly one handler.
 
-    Example:
+    Examples:
         >>> executor = Executor(placement, comm, copies, averager)  # doctest: +SKIP
         >>> executor.run(program_forward_part, step)  # doctest: +SKIP
     """

@@ -18,12 +18,12 @@ class OptimizerLayout:
 
     ``localize`` rewrites ``param_groups`` in place (LR schedulers keep working): a parameter of a stage
     becomes its local copies (none, one, or two when both replicas' copies sit on this rank) and its state
-    follows; parameters outside the split module stay as they are. :meth:`full_state_dict` gathers the
+    follows; parameters outside the split module stay as they are. `full_state_dict` gathers the
     state of every copy back, keyed exactly like ``optimizer.state_dict()`` of the unsplit model, so a plain
     single-device run can resume from it. The two replicas' states are averaged: they are equal under
     gradient averaging, and under parameter averaging the mean momentum is what the averaged weights follow.
 
-    Example:
+    Examples:
         >>> layout = OptimizerLayout(optimizer, names={id(p): n for n, p in net.named_parameters()})  # doctest: +SKIP
         >>> layout.localize(pipeline)  # doctest: +SKIP
     """

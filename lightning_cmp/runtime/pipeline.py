@@ -30,9 +30,9 @@ class Pipeline:
     every rank, so the caller's loss, metrics and logging are computed exactly as on one device. Its
     backward (``loss.backward()``) runs the backward phase, including the averaging of stage copies.
     Non-local parameters of the traced module are released (``.data`` becomes empty) until
-    :meth:`full_state_dict` gathers them back.
+    `full_state_dict` gathers them back.
 
-    Example:
+    Examples:
         >>> pipe = Pipeline(trace_chain(net), cuts=[3], schedule="cmp", comm=comm)  # doctest: +SKIP
         >>> loss = F.cross_entropy(pipe(x), y); loss.backward(); optimizer.step()  # doctest: +SKIP
     """

@@ -8,7 +8,7 @@ a dead peer is detected exactly as before.
 
 Files are named after a token shared by the job; whoever maps a peer's file first removes its name, so
 nothing is left in ``/dev/shm`` once both sides have mapped it (a crash before that leaves at most the
-files of the first exchange, which :meth:`SharedRegions.close` removes on a normal exit).
+files of the first exchange, which `SharedRegions.close` removes on a normal exit).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _ENV = "LIGHTNING_CMP_SHM"
 class SharedRegions:
     """This rank's regions (created on first use) and its peers' (mapped on first use), by name.
 
-    Example:
+    Examples:
         >>> regions = SharedRegions(Path("/dev/shm"), token="ab12", me=0)  # doctest: +SKIP
         >>> mine = regions.mine("s0c1", torch.float32, 1024)  # doctest: +SKIP
         >>> theirs = regions.theirs(1, "s0c1", torch.float32, 1024)  # on rank 0: rank 1's region  # doctest: +SKIP
@@ -95,7 +95,7 @@ def shared_memory_peers(comm: Comm, needed_bytes: int, directory: Path = SHM_DIR
     A pair qualifies when both ranks are on the CPU, each can read a probe file the other wrote (so they
     share the directory, whatever the host names say) and each has ``2 * needed_bytes`` free there.
 
-    Example:
+    Examples:
         >>> regions, peers = shared_memory_peers(comm, needed_bytes=45 << 20)  # doctest: +SKIP
         >>> peers  # on rank 0 of two ranks on one host  # doctest: +SKIP
         {1}

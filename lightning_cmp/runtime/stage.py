@@ -24,7 +24,7 @@ class StageCopy:
     ``twin`` is the module whose train/eval flags this copy follows (a deep copy made when both replicas'
     copies of a stage live on one rank must mirror what the user sets on the original, e.g. BatchNorm in eval).
 
-    Example:
+    Examples:
         >>> copy = StageCopy(replica=0, stage=1, module=nn.Linear(4, 2))
         >>> acts = StageActivations()
         >>> copy.forward(acts, 0, torch.ones(3, 4), training=True).shape
@@ -44,7 +44,7 @@ class StageCopy:
         return [b for b in self.module.buffers() if b.is_floating_point()]
 
     def forward(self, acts: StageActivations, microbatch: int, x: Tensor, training: bool) -> Tensor:
-        """Run the stage; with ``training`` keep the graph so :meth:`backward` can follow."""
+        """Run the stage; with ``training`` keep the graph so `backward` can follow."""
         self._follow_twin()
         if not training:
             return self.module(x)

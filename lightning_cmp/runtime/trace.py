@@ -22,7 +22,7 @@ def category(action: str) -> str:
     Receives, OUTPUT broadcasts and WAIT_AVERAGE block until a peer is ready, so they are ``wait``;
     sends and the start of an averaging only post messages, so they are ``communication``.
 
-    Example:
+    Examples:
         >>> category("F.A0.m0"), category("SEND_ACT.A0.m0->1"), category("RECV_GRAD.A0.m0<-1")
         ('forward', 'communication', 'wait')
     """
@@ -43,7 +43,7 @@ def chrome_trace(timings: Sequence[Sequence[Timing]]) -> dict[str, Any]:
     ``rank N``; times are microseconds from the earliest action of any rank. Clocks of processes on one
     machine agree; across machines they are only as close as the hosts' clocks.
 
-    Example:
+    Examples:
         >>> trace = chrome_trace([[("F.A0.m0", 1.0, 1.5)], [("F.A1.m0", 1.5, 2.0)]])
         >>> [(e["name"], e["pid"], e["ts"], e["dur"]) for e in trace["traceEvents"] if e["ph"] == "X"]
         [('F.A0.m0', 0, 0.0, 500000.0), ('F.A1.m0', 1, 500000.0, 500000.0)]
@@ -64,9 +64,9 @@ def chrome_trace(timings: Sequence[Sequence[Timing]]) -> dict[str, Any]:
 
 
 def write_trace(path: str | Path, timings: Sequence[Sequence[Timing]]) -> Path:
-    """Write :func:`chrome_trace` of ``timings`` to ``path`` (parent folders created); returns the path.
+    """Write `chrome_trace` of ``timings`` to ``path`` (parent folders created); returns the path.
 
-    Example:
+    Examples:
         >>> write_trace(tmp_path / "run.json", [[("F.A0.m0", 0.0, 0.1)]])  # doctest: +SKIP
     """
     target = Path(path)
@@ -80,7 +80,7 @@ def compute_fraction(actions: Sequence[Timing], start: float | None = None, end:
 
     One minus it is the rank's idle (bubble) fraction, communication and waiting included.
 
-    Example:
+    Examples:
         >>> compute_fraction([("F.A0.m0", 0.0, 1.0), ("RECV_GRAD.A0.m0<-1", 1.0, 3.0), ("B.A0.m0", 3.0, 4.0)])
         0.5
     """

@@ -55,8 +55,9 @@ class Action:
     """One step of one rank: ``kind`` applied to ``stage`` of ``replica`` on ``microbatch``.
 
     ``peer`` is the other rank of a send, receive or averaging exchange. ``str(action)`` is compact and
-    :meth:`parse` reads it back::
+    `parse` reads it back.
 
+    Examples:
         >>> a = Action(Kind.SEND_ACT, replica=1, stage=2, microbatch=0, peer=1)
         >>> str(a)
         'SEND_ACT.B2.m0->1'

@@ -2,13 +2,15 @@
 
 Each replica carries half the global batch. With even K the two never want the same rank in the same
 slot; with odd K they collide on the middle rank, where replica A goes first and B waits a slot.
-K=4, one microbatch per replica (``render(cmp(4))``)::
+K=4, one microbatch per replica (``render(cmp(4))``):
 
-    slot    0   1   2   3   4   5   6   7
-    rank 0: FA0 .   .   FB3 BB3 .   .   BA0
-    rank 1: .   FA1 FB2 .   .   BB2 BA1 .
-    rank 2: .   FB1 FA2 .   .   BA2 BB1 .
-    rank 3: FB0 .   .   FA3 BA3 .   .   BB0
+```text
+slot    0   1   2   3   4   5   6   7
+rank 0: FA0 .   .   FB3 BB3 .   .   BA0
+rank 1: .   FA1 FB2 .   .   BB2 BA1 .
+rank 2: .   FB1 FA2 .   .   BA2 BB1 .
+rank 3: FB0 .   .   FA3 BA3 .   .   BB0
+```
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ __all__ = ["cmp"]
 def cmp(num_stages: int, num_microbatches: int = 1, placement: Placement | None = None) -> Timetable:
     """A's half-batch flows 0→K-1→0 while B's flows K-1→0→K-1; both use every rank.
 
-    Example:
+    Examples:
         >>> table = cmp(2)
         >>> [[a.short for a in table[r] if a] for r in (0, 1)]
         [['FA0', 'FB1', 'BB1', 'BA0'], ['FB0', 'FA1', 'BA1', 'BB0']]

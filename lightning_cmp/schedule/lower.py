@@ -3,14 +3,16 @@
 A send and its receive carry the same ``(replica, stage, microbatch)``: the stage that *produced* the
 tensor. ``SEND_ACT.A0.m0->1`` on rank 0 pairs with ``RECV_ACT.A0.m0<-0`` on rank 1, which feeds ``F.A1``;
 ``SEND_GRAD.A1.m0->0`` (the input gradient of stage 1) pairs with ``RECV_GRAD.A1.m0<-1``, which feeds
-``B.A0``. K=2 mp lowers to::
+``B.A0``. K=2 mp lowers to:
 
-    step rank 0             rank 1
-    0:   F.A0.m0            RECV_ACT.A0.m0<-0
-    1:   SEND_ACT.A0.m0->1  F.A1.m0
-    2:   OUTPUT.A1.m0       OUTPUT.A1.m0
-    3:   RECV_GRAD.A1.m0<-1 B.A1.m0
-    4:   B.A0.m0            SEND_GRAD.A1.m0->0
+```text
+step rank 0             rank 1
+0:   F.A0.m0            RECV_ACT.A0.m0<-0
+1:   SEND_ACT.A0.m0->1  F.A1.m0
+2:   OUTPUT.A1.m0       OUTPUT.A1.m0
+3:   RECV_GRAD.A1.m0<-1 B.A1.m0
+4:   B.A0.m0            SEND_GRAD.A1.m0->0
+```
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _averages(rank: int, backwards: list[Action], placement: Placement) -> dict[
 def lower_forward_only(timetable: Timetable, placement: Placement, num_microbatches: int) -> Program:
     """The evaluation program: each rank's forwards with their sends/receives, then the OUTPUT actions.
 
-    Example:
+    Examples:
         >>> from lightning_cmp.schedule.mp import mp
         >>> [str(a) for a in lower_forward_only(mp(2), Placement(2), 1)[1]]
         ['RECV_ACT.A0.m0<-0', 'F.A1.m0', 'OUTPUT.A1.m0']
@@ -81,7 +83,7 @@ def lower(timetable: Timetable, placement: Placement, num_microbatches: int, ave
     With ``average_gradients`` and two replicas, each stage copy starts an ``AVERAGE`` with its mirror right
     after its last backward's gradient send, and ``WAIT_AVERAGE`` ends the stream.
 
-    Example:
+    Examples:
         >>> from lightning_cmp.schedule.cmp import cmp
         >>> program = lower(cmp(2), Placement(2, 2), 1, average_gradients=True)
         >>> [str(a) for a in program[0][-3:]]
@@ -102,7 +104,7 @@ def lower(timetable: Timetable, placement: Placement, num_microbatches: int, ave
 def split_phases(actions: list[Action]) -> tuple[list[Action], list[Action]]:
     """Split one rank's stream after its last OUTPUT: (forward phase with outputs, backward phase).
 
-    Example:
+    Examples:
         >>> f, b = split_phases([Action(Kind.FORWARD), Action(Kind.OUTPUT), Action(Kind.BACKWARD)])
         >>> len(f), len(b)
         (2, 1)

@@ -12,8 +12,9 @@ class Placement:
     """Stage-to-rank map of ``num_replicas`` copies of a ``num_stages``-stage model on ``num_stages`` ranks.
 
     Replica A (0) puts stage ``s`` on rank ``s``; replica B (1) puts it on rank ``num_stages - 1 - s``, so the
-    two copies of a stage sit on mirror ranks and every rank holds one stage of each replica::
+    two copies of a stage sit on mirror ranks and every rank holds one stage of each replica.
 
+    Examples:
         >>> p = Placement(num_stages=4, num_replicas=2)
         >>> [p.rank(1, s) for s in range(4)]
         [3, 2, 1, 0]

@@ -49,7 +49,7 @@ SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType(
 def get_schedule(name: str) -> ScheduleSpec:
     """The spec registered as ``name``; a miss raises ``CMPConfigError`` listing the valid names.
 
-    Example:
+    Examples:
         >>> spec = get_schedule("cmp")
         >>> spec.num_replicas, len(spec.build(4, 1, spec.placement(4))[0])
         (2, 8)

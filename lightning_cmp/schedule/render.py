@@ -29,7 +29,7 @@ def _grid(corner: str, columns: Sequence[str], rows: Sequence[tuple[str, Sequenc
 def render(timetable: Mapping[int, Sequence[Action | None]], mark: Cell | None = None) -> str:
     """Ranks as rows, slots as columns; ``.`` is idle, ``mark=(rank, slot)`` shows as ``>>FA1<<``.
 
-    Example:
+    Examples:
         >>> from lightning_cmp.schedule.mp import mp
         >>> print(render(mp(2)))
         slot    0   1   2   3
@@ -51,7 +51,7 @@ def render_program(
 
     ``mark=(rank, step)`` (or several in ``marks``) highlights cells as ``>>F.A1.m0<<``.
 
-    Example:
+    Examples:
         >>> from lightning_cmp.schedule.action import Kind
         >>> print(render_program({0: [Action(Kind.FORWARD)], 1: []}, mark=(0, 0)))
         step rank 0      rank 1

@@ -58,7 +58,7 @@ class Span:
 
 @dataclass(frozen=True)
 class SimResult:
-    """Outcome of :func:`simulate`: step time, per-rank busy time and idle share, and compute spans."""
+    """Outcome of `simulate`: step time, per-rank busy time and idle share, and compute spans."""
 
     makespan: float
     busy: dict[int, float]
@@ -169,7 +169,7 @@ def simulate(program: Program, placement: Placement, num_microbatches: int, cost
     when every rank reached it; AVERAGE starts an exchange done at max(both starts) + ``costs.average``,
     and WAIT_AVERAGE waits for this rank's exchanges.
 
-    Example:
+    Examples:
         >>> from lightning_cmp.schedule.cmp import cmp
         >>> from lightning_cmp.schedule.lower import lower
         >>> placement = Placement(4, num_replicas=2)

@@ -23,7 +23,7 @@ class Schedule(Protocol):
 def resolve_placement(num_stages: int, num_replicas: int, placement: Placement | None) -> Placement:
     """The placement to schedule on: ``placement`` after checking it fits, or the default one.
 
-    Example:
+    Examples:
         >>> resolve_placement(4, 2, None)
         Placement(num_stages=4, num_replicas=2)
     """
@@ -60,7 +60,7 @@ def build_timetable(placement: Placement, num_microbatches: int) -> Timetable:
     free rank; ties go to replica A, then the lower microbatch. No backward starts before every last-stage
     forward ran (the runtime computes the loss from all outputs at once).
 
-    Example:
+    Examples:
         >>> table = build_timetable(Placement(2), num_microbatches=1)
         >>> [[a.short if a else "." for a in table[r]] for r in (0, 1)]
         [['FA0', '.', '.', 'BA0'], ['.', 'FA1', 'BA1', '.']]
@@ -102,7 +102,7 @@ def build_timetable(placement: Placement, num_microbatches: int) -> Timetable:
 def compute_order(timetable: Timetable, rank: int) -> list[Action]:
     """The compute actions of ``rank`` in slot order, idle slots dropped.
 
-    Example:
+    Examples:
         >>> [a.short for a in compute_order({0: [Action(Kind.FORWARD), None, Action(Kind.BACKWARD)]}, 0)]
         ['FA0', 'BA0']
     """

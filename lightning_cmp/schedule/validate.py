@@ -164,7 +164,7 @@ def validate(streams: Streams, placement: Placement, num_microbatches: int, forw
     dependency order; for programs also that sends and receives pair up with consistent peers and that
     every rank runs the OUTPUT collectives in the same order.
 
-    Example:
+    Examples:
         >>> from lightning_cmp.schedule.cmp import cmp
         >>> from lightning_cmp.schedule.lower import lower
         >>> placement = Placement(3, num_replicas=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import textwrap
 
 import pytest
 
@@ -42,7 +41,7 @@ def test_golden_timetable(num_stages: int, num_microbatches: int) -> None:
 
 def test_module_docstring_shows_the_k2_m4_timetable() -> None:
     module = importlib.import_module("lightning_cmp.schedule.gpipe")
-    assert textwrap.indent(render(gpipe(2, 4)), "    ") in (module.__doc__ or "")
+    assert f"```text\n{render(gpipe(2, 4))}\n```" in (module.__doc__ or "")
 
 
 # Forward 1, backward 2 per whole batch: a microbatch slot costs 1/M or 2/M, and the fill-drain pipeline

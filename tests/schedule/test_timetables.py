@@ -70,7 +70,7 @@ def test_module_docstring_shows_the_current_k4_timetable(name: str) -> None:
     # the package re-exports the functions under the module names, so fetch the module itself
     module = importlib.import_module(f"lightning_cmp.schedule.{name}")
     schedule: Callable[[int], Timetable] = SCHEDULES[name]
-    assert textwrap.indent(render(schedule(4)), "    ") in (module.__doc__ or "")
+    assert f"```text\n{render(schedule(4))}\n```" in (module.__doc__ or "")
 
 
 def test_all_ranks_have_equal_length() -> None:
