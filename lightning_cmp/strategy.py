@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -43,6 +44,20 @@ log = logging.getLogger(__name__)
 
 # A killed peer usually fails a gloo call at once; this bounds the wait on a hung one (torch's default: 30 min).
 DEFAULT_TIMEOUT = timedelta(seconds=120)
+
+# Whether this process created the default process group, and whether a run in it failed.
+_exit_state = {"registered": False, "failed": False}
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the process group this process created, while the interpreter is still whole.
+
+    Left to interpreter finalization, gloo's worker threads can outlive Python and abort the process
+    ("terminate called without an active exception", exit status -6) after a successful run. After a
+    failure it is left alone: tearing down a group whose peer is hung could itself hang.
+    """
+    if not _exit_state["failed"] and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class CMPStrategy(ParallelStrategy):
@@ -204,7 +219,11 @@ class CMPStrategy(ParallelStrategy):
         rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
+        created = not dist.is_initialized()
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        if created and not _exit_state["registered"]:
+            _exit_state["registered"] = True
+            atexit.register(_destroy_process_group_at_exit)
         # From here on every collective, Lightning's included, names the rank that died or hung.
         self._comm = Comm.world(self.global_rank, self.root_device)
 
@@ -414,6 +433,7 @@ class CMPStrategy(ParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
+        _exit_state["failed"] = True
         # Peers lost (dead or hung): workers this process started may never exit on their own.
         self._peers_lost = peers_lost(exception)
         if self._peers_lost:  # now: Lightning's process observer may kill this process before it prints

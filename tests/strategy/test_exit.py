@@ -1,0 +1,35 @@
+"""The process group a worker created is destroyed at exit after a success, and left alone after a failure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import sys
+import torch.distributed as dist
+from lightning_cmp import strategy
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+strategy._exit_state["failed"] = sys.argv[2] == "failed"
+strategy._destroy_process_group_at_exit()
+print("initialized" if dist.is_initialized() else "destroyed")
+"""
+
+
+@pytest.mark.parametrize(("outcome", "expected"), [("ok", "destroyed"), ("failed", "initialized")])
+def test_process_group_destroyed_at_exit_only_after_success(tmp_path: Path, outcome: str, expected: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "store"), outcome],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == expected
