@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 import traceback
 from collections.abc import Callable
+from queue import Empty
 from typing import Any
 
 import torch
@@ -40,8 +42,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], kwargs: dic
 def run_workers(fn: Callable[..., Any], world: int, timeout: float = 600, **kwargs: Any) -> list[Any]:
     """``fn(rank, world, **kwargs)`` on ``world`` processes; returns their results by rank.
 
-    Any worker error is re-raised with its traceback; if the workers do not all finish within ``timeout``
-    seconds they are killed and a ``TimeoutError`` names the ranks that did not report. ``fn`` must be
+    Any worker error is re-raised with its traceback, a worker that dies without reporting fails the call at
+    once, and if the workers do not all finish within ``timeout`` seconds they are killed and a
+    ``TimeoutError`` names the ranks that did not report. ``fn`` must be
     importable by the spawned workers (a module-level function).
 
     Examples:
@@ -56,18 +59,18 @@ def run_workers(fn: Callable[..., Any], world: int, timeout: float = 600, **kwar
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
+        while len(results) < world and not errors:
             try:
-                rank, status, payload = queue.get(timeout=timeout)
-            except Exception:
-                missing = sorted(set(range(world)) - set(results))
-                raise TimeoutError(f"workers {missing} did not finish within {timeout}s (deadlock?)") from None
+                rank, status, payload = queue.get(timeout=0.5)
+            except Empty:
+                _check_running(procs, results, deadline, timeout)
+                continue
             if status == "ok":
                 results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                break
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.1)
@@ -77,3 +80,13 @@ def run_workers(fn: Callable[..., Any], world: int, timeout: float = 600, **kwar
     if errors:
         raise AssertionError("worker failed\n" + "\n".join(errors))
     return [results[r] for r in range(world)]
+
+
+def _check_running(procs: list[Any], results: dict[int, Any], deadline: float, timeout: float) -> None:
+    """Fail at once for a worker that died without reporting (crash, import error); at the deadline for all."""
+    dead = {r: p.exitcode for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)}
+    if dead:
+        raise RuntimeError(f"worker(s) died without reporting (rank: exit code) {dead}")
+    if time.monotonic() > deadline:
+        missing = sorted(set(range(len(procs))) - set(results))
+        raise TimeoutError(f"workers {missing} did not finish within {timeout}s (deadlock?)")

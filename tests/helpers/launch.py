@@ -1,74 +1,15 @@
-"""Run a function on K gloo worker processes with a hard timeout, so a deadlock fails fast."""
+"""Run a function on K gloo worker processes with a hard timeout, so a deadlock fails fast (tests' default: 180 s)."""
 
 from __future__ import annotations
 
-import os
-import pickle
-import socket
-import traceback
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from lightning_cmp.bench import launch
 
 __all__ = ["run_workers"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], kwargs: dict[str, Any], queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        result = fn(rank, world, **kwargs)
-        # Plain pickle bytes: torch's queue would share tensor storage with a process that is about to exit.
-        queue.put((rank, "ok", pickle.dumps(result)))
-    except BaseException:  # report everything, including assertion failures, to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_workers(fn: Callable[..., Any], world: int, timeout: float = 180, **kwargs: Any) -> list[Any]:
-    """``fn(rank, world, **kwargs)`` on ``world`` processes; returns their results by rank.
-
-    Any worker error is re-raised with its traceback; if the workers do not all finish within ``timeout``
-    seconds they are killed and the test fails naming the ranks that did not report.
-    """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, kwargs, queue), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors: list[str] = []
-    try:
-        for _ in range(world):
-            try:
-                rank, status, payload = queue.get(timeout=timeout)
-            except Exception:
-                missing = sorted(set(range(world)) - set(results))
-                raise TimeoutError(f"workers {missing} did not finish within {timeout}s (deadlock?)") from None
-            if status == "ok":
-                results[rank] = pickle.loads(payload)
-            else:
-                errors.append(f"rank {rank}:\n{payload}")
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=5 if not errors else 0.1)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        raise AssertionError("worker failed\n" + "\n".join(errors))
-    return [results[r] for r in range(world)]
+    """[`lightning_cmp.bench.launch.run_workers`][] with the test suite's shorter timeout."""
+    return launch.run_workers(fn, world, timeout, **kwargs)
