@@ -50,6 +50,8 @@ class InMemoryImageDataModule(L.LightningDataModule):
 
     #: value of a black pixel after normalisation, used for the crop padding
     fill: float = 0.0
+    #: whether ``prepare_data`` may fetch missing files (subclasses take it as an argument)
+    download: bool = False
 
     def __init__(
         self,
@@ -89,8 +91,34 @@ class InMemoryImageDataModule(L.LightningDataModule):
         """Stored uint8 images to the float tensors the model sees (only the images kept are converted)."""
         raise NotImplementedError
 
+    def _missing(self) -> list[str]:
+        """Names of the data files that are not there (none: ready to load)."""
+        raise NotImplementedError
+
+    def _no_data_message(self, why: str) -> str:
+        """What is missing, where it was looked for and how to get it."""
+        raise NotImplementedError
+
+    def _download(self) -> None:
+        """Fetch the files (torchvision); any exception means offline or blocked."""
+        raise NotImplementedError
+
+    @override
+    def prepare_data(self) -> None:
+        """Download once (rank 0 only, as Lightning calls it) if the files are missing and ``download`` is set."""
+        if not self._missing():
+            return
+        if not self.download:
+            raise FileNotFoundError(self._no_data_message("download=False"))
+        try:
+            self._download()
+        except Exception as e:  # URLError, RuntimeError, OSError: all mean "offline or blocked"
+            raise RuntimeError(self._no_data_message(f"download failed: {type(e).__name__}: {e}")) from e
+
     def check_data(self) -> None:
         """Raise ``FileNotFoundError`` with the fix when the files are missing."""
+        if self._missing():
+            raise FileNotFoundError(self._no_data_message("call prepare_data() first or check data_dir"))
 
     @override
     def setup(self, stage: str) -> None:

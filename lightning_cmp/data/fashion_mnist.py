@@ -156,24 +156,10 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
             "or pass data_dir= a directory holding the four *-ubyte.gz files."
         )
 
-    @override
-    def prepare_data(self) -> None:
-        """Download once (rank 0 only, as Lightning calls it) if the files are missing."""
-        if not self._missing():
-            return
-        if not self.download:
-            raise FileNotFoundError(self._no_data_message("download=False"))
+    def _download(self) -> None:
         from torchvision.datasets import FashionMNIST
 
-        try:
-            FashionMNIST(str(self.data_dir), train=True, download=True)
-        except Exception as e:  # URLError, RuntimeError, OSError: all mean "offline or blocked"
-            raise RuntimeError(self._no_data_message(f"download failed: {type(e).__name__}: {e}")) from e
-
-    @override
-    def check_data(self) -> None:
-        if self._missing():
-            raise FileNotFoundError(self._no_data_message("call prepare_data() first or check data_dir"))
+        FashionMNIST(str(self.data_dir), train=True, download=True)
 
     @override
     def load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
