@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from lightning_cmp.bench.__main__ import QUICK_METHODS
 from lightning_cmp.bench.report import COLUMNS
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.python import run_python
 
 
 def test_quick_benchmark_outputs(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_cmp.bench", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = run_python("-m", "lightning_cmp.bench", "--quick", "--out", str(tmp_path))
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table[0] == "| " + " | ".join(COLUMNS) + " |"
     assert len(table) >= 1 + len(QUICK_METHODS)

@@ -31,4 +31,3 @@ def test_schedule_properties(name: str, num_stages: int, num_microbatches: int) 
     evaluation = lower_forward_only(table, placement, num_microbatches)
     validate(evaluation, placement, num_microbatches, forward_only=True)
     simulate(evaluation, placement, num_microbatches)
-

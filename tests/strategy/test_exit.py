@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.python import run_python
 
 SCRIPT = """
 import sys
@@ -24,12 +22,5 @@ print("initialized" if dist.is_initialized() else "destroyed")
 
 @pytest.mark.parametrize(("outcome", "expected"), [("ok", "destroyed"), ("failed", "initialized")])
 def test_process_group_destroyed_at_exit_only_after_success(tmp_path: Path, outcome: str, expected: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "store"), outcome],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python("-c", SCRIPT, str(tmp_path / "store"), outcome, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == expected

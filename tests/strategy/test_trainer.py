@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -13,23 +11,13 @@ import pytest
 import torch
 
 from tests.helpers.lit import LitCNN, loader
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.python import run_python
 
 
 def launch(tmp_path: Path, timeout: float = 300, **cfg: object) -> list[dict]:
     """Run the scenario script like a user would; Lightning starts the other workers itself."""
     cfg["out"] = str(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.scenario", json.dumps(cfg)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_python("-m", "tests.helpers.scenario", json.dumps(cfg), timeout=timeout)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(int(cfg["devices"]))]  # type: ignore[call-overload]
 
 
@@ -148,16 +136,7 @@ def test_gradient_accumulation_and_global_norm_clipping(tmp_path: Path) -> None:
 
 def test_pytorch_lightning_package(tmp_path: Path) -> None:
     pytest.importorskip("pytorch_lightning")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.scenario_pl", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_python("-m", "tests.helpers.scenario_pl", str(tmp_path))
     ref_model, _, _ = single_device(1)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
