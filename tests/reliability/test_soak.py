@@ -1,7 +1,7 @@
 """Opt-in soak (``CMP_SOAK=1 pytest tests/reliability/test_soak.py``): 1,000 steps, K=2 and K=3.
 
 Per-worker memory must not grow after warm-up and step time must not creep up. Not run in CI (minutes of
-CPU); the figures of a run are in the CHANGELOG / issue notes.
+CPU); the figures of 10,000-step runs are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
