@@ -2,19 +2,26 @@
 
 ``python -m lightning_cmp.bench.accuracy --epochs 1 --limit-train 10000`` runs
 ``python -m lightning_cmp.quickstart`` once per method (fresh processes, same seed and data) and prints
-each method's final test accuracy and training throughput as a Markdown table.
+each method's final test accuracy and training throughput as a Markdown table. ``--seeds 0 1 2`` repeats
+every method per seed and adds the mean, spread and mean gap to single device over the seeds; the command
+exits 1 if a run failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["RUNS", "main", "parse_result"]
+__all__ = ["RUNS", "Run", "main", "parse_result", "summarize"]
 
 #: (label, quickstart arguments)
 RUNS: dict[str, list[str]] = {
@@ -49,12 +56,67 @@ def parse_result(stdout: str) -> dict[str, float | None]:
     }
 
 
+@dataclass
+class Run:
+    """One training run: which method, which seed, what it reached and how long it took."""
+
+    label: str
+    seed: int
+    test_acc: float | None
+    samples_per_s: float | None
+    wall_s: float
+
+
+def summarize(runs: Sequence[Run], baseline: str = "single device") -> list[dict[str, Any]]:
+    """Per method: mean and spread of the test accuracy over seeds, and the mean gap to ``baseline``.
+
+    The gap is averaged over the seeds that both the method and the baseline finished, so it compares runs
+    that saw the same initial weights and data split.
+
+    Examples:
+        >>> runs = [Run("single device", 0, 0.80, 100.0, 1.0), Run("single device", 1, 0.82, 110.0, 1.0),
+        ...         Run("cmp", 0, 0.81, 50.0, 2.0), Run("cmp", 1, 0.80, 60.0, 2.0)]
+        >>> [(r["label"], r["runs"], round(r["mean"], 4), round(r["gap"], 4)) for r in summarize(runs)]
+        [('single device', 2, 0.81, 0.0), ('cmp', 2, 0.805, -0.005)]
+    """
+    labels = list(dict.fromkeys(r.label for r in runs))
+    base = {r.seed: r.test_acc for r in runs if r.label == baseline and r.test_acc is not None}
+    rows = []
+    for label in labels:
+        done = [r for r in runs if r.label == label and r.test_acc is not None]
+        accs = [r.test_acc for r in done if r.test_acc is not None]
+        gaps = [r.test_acc - base[r.seed] for r in done if r.test_acc is not None and r.seed in base]
+        rates = [r.samples_per_s for r in done if r.samples_per_s is not None]
+        rows.append(
+            {
+                "label": label,
+                "runs": len(accs),
+                "failed": sum(1 for r in runs if r.label == label) - len(accs),
+                "mean": statistics.fmean(accs) if accs else None,
+                "std": statistics.stdev(accs) if len(accs) > 1 else None,
+                "min": min(accs) if accs else None,
+                "max": max(accs) if accs else None,
+                "gap": statistics.fmean(gaps) if gaps else None,
+                "samples_per_s": statistics.median(rates) if rates else None,
+            }
+        )
+    return rows
+
+
+def _points(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lightning_cmp.bench.accuracy", description=__doc__)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit-train", type=int, default=10000)
     p.add_argument("--limit-eval", type=int, default=0)
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per method and seed")
+    p.add_argument("--json", default=None, help="also write every run and the summary to this file")
     args = p.parse_args(argv)
     common = [
         "--epochs",
@@ -64,22 +126,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--limit-eval",
         str(args.limit_eval),
     ]
-    rows = []
-    for label in args.runs:
-        start = time.perf_counter()
-        command = [sys.executable, "-m", "lightning_cmp.quickstart", *RUNS[label], *common]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"# {label} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        result = parse_result(proc.stdout)
-        rows.append((label, result, time.perf_counter() - start))
-        print(f"# {label}: {result} in {rows[-1][2]:.0f}s", file=sys.stderr)
-    print("| method | test accuracy | samples/s | wall s |\n|---|---|---|---|")
-    for label, result, seconds in rows:
-        acc, rate = result["test_acc"], result["samples_per_s"]
-        acc_text = f"{100 * acc:.2f}%" if acc is not None else "failed"
-        rate_text = f"{rate:.1f}" if rate is not None else "n/a"
-        print(f"| {label} | {acc_text} | {rate_text} | {seconds:.0f} |")
+    runs: list[Run] = []
+    for seed in args.seeds:
+        for label in args.runs:
+            start = time.perf_counter()
+            command = [sys.executable, "-m", "lightning_cmp.quickstart", *RUNS[label], *common, "--seed", str(seed)]
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"# {label}, seed {seed} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            result = parse_result(proc.stdout)
+            runs.append(Run(label, seed, result["test_acc"], result["samples_per_s"], time.perf_counter() - start))
+            print(f"# {label}, seed {seed}: {result} in {runs[-1].wall_s:.0f}s", file=sys.stderr, flush=True)
+    print("| method | seed | test accuracy | samples/s | wall s |\n|---|---|---|---|---|")
+    for run in runs:
+        acc_text = f"{_points(run.test_acc)} %" if run.test_acc is not None else "failed"
+        rate_text = f"{run.samples_per_s:.1f}" if run.samples_per_s is not None else "n/a"
+        print(f"| {run.label} | {run.seed} | {acc_text} | {rate_text} | {run.wall_s:.0f} |")
+    summary = summarize(runs)
+    if len(args.seeds) > 1:
+        print("\n| method | runs | mean test accuracy | std | min–max | mean gap to single device (points) |")
+        print("|---|---|---|---|---|---|")
+        for row in summary:
+            spread = f"{_points(row['min'])}–{_points(row['max'])}"
+            print(
+                f"| {row['label']} | {row['runs']} | {_points(row['mean'])} % | {_points(row['std'])} | {spread} "
+                f"| {_points(row['gap'], signed=True)} |"
+            )
+    if args.json:
+        payload = {"args": vars(args), "runs": [asdict(r) for r in runs], "summary": summary}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    if any(r.test_acc is None for r in runs):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
