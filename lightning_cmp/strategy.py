@@ -44,9 +44,32 @@ log = logging.getLogger(__name__)
 
 # A killed peer usually fails a gloo call at once; this bounds the wait on a hung one (torch's default: 30 min).
 DEFAULT_TIMEOUT = timedelta(seconds=120)
+# The rendezvous waits for the slowest worker to start (import torch, or be scheduled on another node), which is
+# not a hang: it gets at least this long whatever ``timeout`` is, and the group's timeout is set after it.
+STARTUP_TIMEOUT = timedelta(seconds=120)
 
 # Whether this process created the default process group, and whether a run in it failed.
 _exit_state = {"registered": False, "failed": False}
+
+
+def _set_group_timeout(timeout: timedelta) -> None:
+    """Set the default process group's timeout for every later call.
+
+    ``dist.set_timeout`` is public in recent torch (2.14 is tested); an older release without it is tried with
+    the private ``_set_pg_timeout`` it replaced, and without either the group keeps the start-up timeout.
+    """
+    if hasattr(dist, "set_timeout"):
+        dist.set_timeout(timeout)
+        return
+    try:  # pragma: no cover - older torch
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+    except ImportError:  # pragma: no cover
+        log.warning(
+            f"this torch cannot change a process group's timeout: a hung worker is given up after "
+            f"{STARTUP_TIMEOUT.total_seconds():.0f} s, not the {timeout.total_seconds():.0f} s asked for"
+        )
+        return
+    _set_pg_timeout(timeout)  # pragma: no cover
 
 
 def _destroy_process_group_at_exit() -> None:
@@ -86,6 +109,7 @@ class CMPStrategy(ParallelStrategy):
         timeout: how long a worker waits for a peer that stopped answering before it fails with an error
             naming that peer's rank (default 120 s; a dead peer is noticed at once). Raise it when one step,
             the first-batch profiling or writing a checkpoint can keep the other workers waiting longer.
+            Start-up, where the workers wait for the slowest one to start, is allowed at least 120 s.
         checkpoint_io: defaults to [`AtomicCheckpointIO`][lightning_cmp.checkpoint_io.AtomicCheckpointIO]
             (a crash while saving keeps the previous file).
 
@@ -220,7 +244,10 @@ class CMPStrategy(ParallelStrategy):
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
         created = not dist.is_initialized()
-        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        startup = None if self._timeout is None else max(self._timeout, STARTUP_TIMEOUT)
+        _init_dist_connection(self.cluster_environment, backend, timeout=startup)
+        if created and self._timeout is not None and self._timeout < STARTUP_TIMEOUT:
+            _set_group_timeout(self._timeout)
         if created and not _exit_state["registered"]:
             _exit_state["registered"] = True
             atexit.register(_destroy_process_group_at_exit)

@@ -18,7 +18,8 @@ Config keys (all optional except ``out``, ``devices`` and ``runs``):
 - ``same_data``: false gives every rank its own shuffled sampler with ``use_distributed_sampler=False``;
 - ``dict_batch``: batches are nested dicts (with a string field) that ``training_step`` unpacks;
 - ``expect_error``: go on with the next run when this one fails (on every rank alike);
-- ``timeout`` (top level): ``CMPStrategy(timeout=...)`` in seconds.
+- ``timeout`` (top level): ``CMPStrategy(timeout=...)`` in seconds;
+- ``start_delay`` (top level): seconds every rank but 0 sleeps before its first fit (a worker slow to start).
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main() -> None:
     cfg = json.loads(sys.argv[1])
     out = Path(cfg["out"])
     rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if rank > 0:
+        time.sleep(cfg.get("start_delay", 0))
     results = {}
     for run in cfg["runs"]:
         results[run["name"]] = result = fit(cfg, run, out)

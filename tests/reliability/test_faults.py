@@ -75,6 +75,16 @@ def test_hung_worker_is_given_up_after_the_timeout_and_killed(tmp_path: Path) ->
     assert exit_s >= 5
 
 
+@pytest.mark.timeout(300)
+def test_a_worker_slow_to_start_is_waited_for_and_the_timeout_holds_afterwards(tmp_path: Path) -> None:
+    # Rank 1 starts 8 s late, longer than timeout=3: the rendezvous must wait for it (at least 120 s)...
+    _, errors, exit_s = _run_fault(tmp_path, devices=2, rank=1, how="sigstop", timeout=3, start_delay=8)
+    # ...and the fault is reached (so start-up succeeded), then the hang is given up after 3 s, not 120 s.
+    assert errors[0].startswith("PeerLostError: rank 1 (peer of rank 0) stopped answering")
+    assert "Timed out waiting 3000ms" in errors[0]
+    assert 3 <= exit_s < 20
+
+
 # Lightning's own collectives (ModelCheckpoint's folder broadcast and file-exists decision, the barrier after
 # saving) fail like the pipeline's messages: naming the lost rank, and the launcher stops the rest.
 @pytest.mark.timeout(300)
