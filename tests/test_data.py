@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import gzip
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_cmp.data import DEBIAN_DIR, FashionMNISTDataModule, read_idx
-
-
-def _idx_bytes(t: torch.Tensor, type_code: int = 0x08) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, type_code, t.dim()) + b"".join(struct.pack(">I", s) for s in t.shape)
-    return header + t.numpy().astype(t.numpy().dtype.newbyteorder(">")).tobytes()
+from tests.helpers.idx import idx_bytes, write_fake_fashion_mnist
 
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_read_idx_uint8_plain_and_gz(tmp_path: Path, gz: bool) -> None:
     t = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 3, 4)
-    data = _idx_bytes(t)
+    data = idx_bytes(t)
     path = tmp_path / ("x.idx.gz" if gz else "x.idx")
     path.write_bytes(gzip.compress(data) if gz else data)
     out = read_idx(path)
@@ -31,7 +26,7 @@ def test_read_idx_uint8_plain_and_gz(tmp_path: Path, gz: bool) -> None:
 def test_read_idx_big_endian_int32(tmp_path: Path) -> None:
     t = torch.tensor([[1, -2], [70000, 3]], dtype=torch.int32)
     path = tmp_path / "x.idx"
-    path.write_bytes(_idx_bytes(t, type_code=0x0C))
+    path.write_bytes(idx_bytes(t, type_code=0x0C))
     assert torch.equal(read_idx(path), t)
 
 
@@ -44,7 +39,7 @@ def test_read_idx_bad_magic(tmp_path: Path) -> None:
 
 def test_read_idx_truncated(tmp_path: Path) -> None:
     path = tmp_path / "short.idx"
-    path.write_bytes(_idx_bytes(torch.zeros(4, 4, dtype=torch.uint8))[:-3])
+    path.write_bytes(idx_bytes(torch.zeros(4, 4, dtype=torch.uint8))[:-3])
     with pytest.raises(ValueError, match=r"header says shape \[4, 4\]"):
         read_idx(path)
 
@@ -81,7 +76,7 @@ def test_datamodule_split_is_fixed_and_disjoint_from_limit() -> None:
 
 
 def test_datamodule_no_pad_one_channel(tmp_path: Path) -> None:
-    _write_fake_dataset(tmp_path, n_train=20, n_test=5)
+    write_fake_fashion_mnist(tmp_path, n_train=20, n_test=5)
     dm = FashionMNISTDataModule(str(tmp_path), batch_size=4, pad_to=None, channels=1, val_size=5)
     dm.setup("fit")
     x, _ = next(iter(dm.train_dataloader()))
@@ -119,12 +114,3 @@ def test_bad_arguments() -> None:
         FashionMNISTDataModule(pad_to=20)
     with pytest.raises(ValueError, match="batch_size=0"):
         FashionMNISTDataModule(batch_size=0)
-
-
-def _write_fake_dataset(root: Path, n_train: int, n_test: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
-        labels = torch.randint(0, 10, (n,), dtype=torch.uint8, generator=g)
-        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(images)))
-        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_bytes(labels))  # plain, not gzipped

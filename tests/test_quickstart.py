@@ -1,36 +1,24 @@
 """The README's main job (``python -m lightning_cmp.quickstart``, what ``scripts/main.sh`` runs), end to end.
 
-It runs on small IDX files written here (random pixels, the real file names and format), so it needs neither
-the Debian package nor a download; ``tests/test_data.py`` covers reading the real files.
+It runs on small IDX files from tests/helpers/idx.py (random pixels, the real file names and format), so it needs
+neither the Debian package nor a download; ``tests/test_data.py`` covers reading the real files.
 """
 
 from __future__ import annotations
 
-import gzip
 import re
-import struct
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.helpers.idx import write_fake_fashion_mnist
 from tests.helpers.python import run_python
-
-
-def _write_idx_gz(path: Path, t: torch.Tensor) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, t.dim()) + b"".join(struct.pack(">I", s) for s in t.shape)
-    path.write_bytes(gzip.compress(header + t.numpy().tobytes(), compresslevel=1))
 
 
 @pytest.mark.timeout(300)
 def test_main_job_trains_with_cmp_and_prints_accuracy_and_throughput(tmp_path: Path) -> None:
-    g = torch.Generator().manual_seed(0)
     # 5,000 training images go to the validation split (the default val_size), so the file needs more.
-    for split, n in (("train", 5100), ("t10k", 100)):
-        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
-        _write_idx_gz(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
-        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
-        _write_idx_gz(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
+    write_fake_fashion_mnist(tmp_path, n_train=5100, n_test=100)
     proc = run_python(
         "-m", "lightning_cmp.quickstart", "--data-dir", str(tmp_path),
         "--strategy", "cmp", "--devices", "2", "--epochs", "1",
