@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_cmp.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, augment
+from tests.helpers.idx import write_fake_fashion_mnist
 from tests.test_recipes import write_fake_cifar10
 
 
@@ -49,8 +50,12 @@ def test_augment_is_seeded_and_keeps_shapes() -> None:
             assert set(a[n, c].flatten().tolist()) <= set(x[n, c].flatten().tolist()) | {-1.0}
 
 
-def test_fashion_mnist_augments_training_batches_only() -> None:
-    dm = FashionMNISTDataModule(batch_size=8, limit=8, limit_eval=8, random_crop=4, horizontal_flip=True)
+def test_fashion_mnist_augments_training_batches_only(tmp_path: Path) -> None:
+    # Fake files: the test must not depend on the Debian package being installed by hand.
+    write_fake_fashion_mnist(tmp_path, n_train=20, n_test=5)
+    dm = FashionMNISTDataModule(
+        str(tmp_path), batch_size=8, val_size=5, limit=8, limit_eval=5, random_crop=4, horizontal_flip=True
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
 
