@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import atexit
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Generator, Hashable, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -32,9 +35,13 @@ from typing_extensions import override
 from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.errors import CMPConfigError, unknown_name
 from lightning_cmp.partition import PARTITION_POLICIES, Chain, profile_blocks, resolve_cuts, trace_chain
+from lightning_cmp.partition.materialize import materialize
 from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.comm import peers_lost
 from lightning_cmp.runtime.liveness import stop_processes
+from lightning_cmp.runtime.memory import WorkerBytes, worker_bytes
+from lightning_cmp.runtime.state import fill, find_tensor
+from lightning_cmp.runtime.stream import serve, write_streamed
 from lightning_cmp.runtime.trace import write_trace
 from lightning_cmp.schedule import SCHEDULES, get_schedule
 
@@ -110,8 +117,19 @@ class CMPStrategy(ParallelStrategy):
             naming that peer's rank (default 120 s; a dead peer is noticed at once). Raise it when one step,
             the first-batch profiling or writing a checkpoint can keep the other workers waiting longer.
             Start-up, where the workers wait for the slowest one to start, is allowed at least 120 s.
+        keep_split: for a model no single worker can hold: no process ever assembles it. Checkpoints are
+            written stage by stage (rank 0 writes each tensor as its owner sends it) and after ``fit`` every rank
+            keeps only its own stages. Default ``False``: rank 0 gathers the model to write a checkpoint and
+            holds the whole LightningModule after ``fit`` (for ``test``, ``predict`` and your code); the other
+            ranks hold their stages. Checkpoints are one standard file either way.
         checkpoint_io: defaults to [`AtomicCheckpointIO`][lightning_cmp.checkpoint_io.AtomicCheckpointIO]
             (a crash while saving keeps the previous file).
+
+    Memory: a LightningModule that builds its layers in ``configure_model()`` (or under
+    ``Trainer.init_module(empty_init=True)``) is created on the meta device, and each worker gives memory only
+    to the stages it runs (initialised by each layer's ``reset_parameters()``, seeded per layer so the values do
+    not depend on the number of workers). A module built in ``__init__`` is whole on every worker until the
+    first batch, when each worker releases the stages it does not run. See the "Large models" page.
 
     Examples:
         >>> import lightning as L
@@ -141,6 +159,7 @@ class CMPStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        keep_split: bool = False,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -172,6 +191,12 @@ class CMPStrategy(ParallelStrategy):
         self._failed = False
         self._peers_lost = False
         self._metric_sync: dict[nn.Module, bool] = {}
+        self.keep_split = keep_split
+        # A checkpoint restored before the pipeline exists: applied to each rank's own stages when it is built.
+        self._pending_state: Mapping[str, Tensor] | None = None
+        self._pending_optimizer_states: list[dict[str, Any]] | None = None
+        # keep_split=True: meta tensors of rank 0's checkpoint dict -> (rank holding the data, key it finds it by)
+        self._remote: dict[int, tuple[Tensor, tuple[int, Hashable]]] = {}
 
     # -- what Lightning asks of a parallel strategy -----------------------------------------------------
     @property
@@ -205,7 +230,37 @@ class CMPStrategy(ParallelStrategy):
     @override
     def model_to_device(self) -> None:
         assert self.model is not None
-        self.model.to(self.root_device)
+        _to_device(self.model, self.root_device)
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # empty_init=True (Trainer.init_module): build on the meta device; each worker materialises its stages.
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # configure_model() builds on the meta device: nothing is allocated until each worker's stages are known.
+        with torch.device("meta"):
+            yield
+
+    def worker_bytes(self) -> WorkerBytes:
+        """Bytes of parameters, buffers, gradients and optimizer state this worker holds right now.
+
+        Examples:
+            >>> strategy.worker_bytes().state  # parameters + gradients + optimizer state  # doctest: +SKIP
+            1234567
+        """
+        modules: list[nn.Module] = [m for m in (self.lightning_module,) if m is not None]
+        if self._pipeline is not None:
+            modules += [c.module for c in self._pipeline.copies.values()]
+        return worker_bytes(modules, [_unwrap(opt) for opt in self.optimizers])
 
     @override
     def _configure_launcher(self) -> None:
@@ -284,7 +339,8 @@ class CMPStrategy(ParallelStrategy):
         self._target = target
         world = self.num_processes * self.num_nodes
         # Checks the block count and explicit cuts now, before any training.
-        resolve_cuts(self.partition if self.partition != "balanced" else "uniform", self._chain.num_blocks, world)
+        policy = self.partition if self.partition != "balanced" else "uniform"
+        resolve_cuts(policy, self._chain.num_blocks, world, forbidden=self._chain.forbidden_cuts())
 
     def _patch(self, module: LightningModule) -> None:
         assert self._target is not None
@@ -326,7 +382,8 @@ class CMPStrategy(ParallelStrategy):
                 self._pipeline = self._build_pipeline(x)
             if self.trace is not None:
                 self._pipeline.executor.timings = []
-        return self._pipeline(x)
+        module = self.lightning_module  # the global step keys dropout masks: a resumed run draws the same ones
+        return self._pipeline(x, step=module.trainer.global_step if module is not None else None)
 
     def _build_pipeline(self, x: Tensor) -> Pipeline:
         assert self._chain is not None and self.lightning_module is not None
@@ -336,16 +393,47 @@ class CMPStrategy(ParallelStrategy):
             costs = None
             if self.partition == "balanced":
                 costs = [f + b for f, b in profile_blocks(self._chain, x)]
-            cuts = resolve_cuts(self.partition, self._chain.num_blocks, world, costs)
+            cuts = resolve_cuts(self.partition, self._chain.num_blocks, world, costs, self._chain.forbidden_cuts())
         comm = self._comm or Comm.world(self.global_rank, self.root_device)
         cuts = comm.broadcast_object(cuts, 0)
         log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, cuts)
-        pipeline = Pipeline(self._chain, cuts, self.schedule, comm, self.averaging, self.num_microbatches)
+        seed = _base_seed()
+        split_state = self._pending_split_state()
+        pipeline = Pipeline(
+            self._chain, cuts, self.schedule, comm, self.averaging, self.num_microbatches, seed=seed, state=split_state
+        )
+        self._materialize_rest(seed)
         names = {id(p): n for n, p in self._chain.root.named_parameters()}
         self._layouts = [OptimizerLayout(_unwrap(opt), names) for opt in self.optimizers]
         for layout in self._layouts:
             layout.localize(pipeline)
+        if self._pending_optimizer_states is not None:
+            for layout, saved in zip(self._layouts, self._pending_optimizer_states, strict=False):
+                layout.load_full_state_dict(saved, pipeline)
+        self._pending_state, self._pending_optimizer_states = None, None
         return pipeline
+
+    def _pending_split_state(self) -> dict[str, Tensor] | None:
+        """The restored checkpoint's entries for the split module, keyed as in it."""
+        if self._pending_state is None:
+            return None
+        prefix = f"{self.module_name}." if self.module_name else ""
+        return {k[len(prefix) :]: v for k, v in self._pending_state.items() if k.startswith(prefix)}
+
+    def _materialize_rest(self, seed: int) -> None:
+        """The LightningModule's tensors outside the split module (every rank holds them): values from the restored
+        checkpoint, or memory and a seeded initialisation when they were built on the meta device."""
+        module = self.lightning_module
+        assert module is not None and self._chain is not None
+        prefix = f"{self.module_name}." if self.module_name else ""
+        chain_names = {prefix + n for n, _ in [*self._chain.root.named_parameters(), *self._chain.root.named_buffers()]}
+        rest = [n for n, _ in [*module.named_parameters(), *module.named_buffers()] if n not in chain_names]
+        materialize(module, self.root_device, seed, rest)
+        if self._pending_state is not None:
+            with torch.no_grad():
+                for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                    if name in rest and name in self._pending_state:
+                        tensor.copy_(self._pending_state[name])
 
     def _clip(self, optimizer: Optimizer, clip_val: float, unclipped: Callable[[Optimizer, float], None]) -> None:
         if self._pipeline is None:
@@ -414,6 +502,8 @@ class CMPStrategy(ParallelStrategy):
         return self._comm if alive else None
 
     # -- checkpoints: one standard file keyed like the unsplit model ----------------------------------
+    # Rank 0 assembles the file; the other ranks send their stages one tensor at a time and return what they
+    # hold (their ``state_dict`` is not written: Lightning saves rank 0's only).
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         module = self.lightning_module
@@ -423,34 +513,82 @@ class CMPStrategy(ParallelStrategy):
             return state
         self._average_parameters()
         prefix = f"{self.module_name}." if self.module_name else ""
-        for name, tensor in self._pipeline.full_state_dict().items():
+        if self._streams():  # placeholders on rank 0, filled in as the owners send them by save_checkpoint
+            owners = self._pipeline.owners()
+            for name, owner in owners.items():
+                tensor = state.get(prefix + name)
+                if self.global_rank == 0 and tensor is not None and tensor.is_meta:
+                    self._remote[id(tensor)] = (tensor, (owner, ("model", name)))
+            return state
+        for name, tensor in (self._pipeline.full_state_dict(dst=0) or {}).items():
             state[prefix + name] = tensor
         return state
 
+    def _streams(self) -> bool:
+        """Whether checkpoints are written stage by stage (keep_split=True with a local AtomicCheckpointIO)."""
+        return self.keep_split and self._pipeline is not None and isinstance(self.checkpoint_io, AtomicCheckpointIO)
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if not self._streams():
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        assert self._pipeline is not None and isinstance(self.checkpoint_io, AtomicCheckpointIO)
+        comm, remote = self._pipeline.comm, self._remote
+        try:
+            if self.global_rank == 0:
+                def write(f: Any, name: str) -> None:
+                    write_streamed(checkpoint, f, name, lambda t: remote[id(t)][1] if id(t) in remote else None, comm)
+
+                self.checkpoint_io.save_streamed(filepath, write, storage_options)
+            else:
+                serve(comm, 0, self._owned_tensor)
+        finally:
+            self._remote = {}
+        return None
+
+    def _owned_tensor(self, key: Hashable) -> Tensor:
+        """What rank 0 asks for while it writes a checkpoint stage by stage: a weight or an optimizer state."""
+        assert self._pipeline is not None and isinstance(key, tuple)
+        if key[0] == "model":
+            tensor = find_tensor(self._pipeline.chain.root, key[1])
+            assert tensor is not None
+            return tensor
+        (_, opt_index), index, state_key = key  # (("optim", optimizer), whole-model parameter, state key)
+        return self._layouts[opt_index].owned_tensor(self._pipeline, index, state_key)
+
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self._pipeline is None:
-            return super().load_model_state_dict(checkpoint, strict)
-        prefix = f"{self.module_name}." if self.module_name else ""
+        module = self.lightning_module
+        assert module is not None
         state = checkpoint["state_dict"]
-        self._pipeline.load_full_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-        return None
+        if strict:
+            _check_keys(module, state)
+        self._pending_state = state
+        if self._pipeline is not None:  # never in a Trainer run (restored before the first batch); kept for safety
+            self._pipeline.load_full_state_dict(self._pending_split_state() or {})
+            self._materialize_rest(_base_seed())
+            self._pending_state = None
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         layout = self._layout_of(optimizer)
         if self._pipeline is None or layout is None:
             return super().optimizer_state(optimizer)
-        return layout.full_state_dict(self._pipeline)
+        if self._streams():
+            tag = ("optim", self._layouts.index(layout))
+            return layout.split_state_dict(self._pipeline, 0, self._remote, tag) or {}
+        return layout.full_state_dict(self._pipeline, dst=0) or {}
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        for layout in self._layouts:
-            layout.restore()
-        super().load_optimizer_state_dict(checkpoint)
-        if self._pipeline is not None:
-            for layout in self._layouts:
-                layout.localize(self._pipeline)
+        states = list(checkpoint["optimizer_states"])
+        if self._pipeline is None:  # loaded into each rank's own copies when the pipeline is built
+            self._pending_optimizer_states = states
+            return
+        for layout, saved in zip(self._layouts, states, strict=False):
+            layout.load_full_state_dict(saved, self._pipeline)
 
     def _layout_of(self, optimizer: Optimizer) -> OptimizerLayout | None:
         inner = _unwrap(optimizer)
@@ -474,19 +612,38 @@ class CMPStrategy(ParallelStrategy):
                 if self.global_rank == 0:
                     write_trace(self.trace, every)
             self._average_parameters()
-            self._pipeline.restore_full_module()
+            if not self.keep_split:
+                self._pipeline.restore_full_module(dst=0)
             for layout in self._layouts:
                 layout.restore()
         if self._pipeline is not None:
             self._pipeline.close()
+        elif self._pending_state is not None and not self._failed and not self.keep_split and self.global_rank == 0:
+            # Restored but never run (e.g. resuming a finished fit): rank 0's module takes the checkpoint whole.
+            module = self.lightning_module
+            assert module is not None and self._comm is not None
+            state = self._pending_state
+            fill(module, [name for name in module.state_dict() if name in state], self._comm, 0, state)
         self._unpatch()
         self._pipeline, self._chain, self._target, self._layouts = None, None, None, []
-        super().teardown()
+        self._pending_state, self._pending_optimizer_states = None, None
+        self._teardown_base()
         if self._peers_lost and isinstance(self._launcher, _SubprocessScriptLauncher):
             # A hung worker would outlive the job: Lightning kills the workers it started only on Ctrl-C.
             stopped = stop_processes(self._launcher.procs)
             if stopped:
                 log.warning("lightning_cmp: killed worker processes %s, still there after the failure", stopped)
+
+    def _teardown_base(self) -> None:
+        """``ParallelStrategy.teardown``, except that tensors a rank does not hold (meta) stay where they are."""
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        _optimizers_to_device(self.optimizers, torch.device("cpu"))
+        if self.lightning_module is not None:
+            _to_device(self.lightning_module, torch.device("cpu"))
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
     @classmethod
     @override
@@ -517,6 +674,30 @@ def _check_precision(plugin: Precision, schedule: str) -> None:
 
 def _unwrap(optimizer: Any) -> Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
+
+
+def _to_device(module: nn.Module, device: torch.device) -> None:
+    """``module.to(device)`` for the tensors that hold data; meta tensors (stages held elsewhere) stay meta."""
+    module._apply(lambda t: t if t.is_meta else t.to(device))
+
+
+def _base_seed() -> int:
+    """The seed ``seed_everything`` set (Lightning's ``PL_GLOBAL_SEED``), 0 without one: it seeds initialisation."""
+    try:
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+    except ValueError:
+        return 0
+
+
+def _check_keys(module: nn.Module, state: Mapping[str, Any]) -> None:
+    """Fail like ``load_state_dict(strict=True)`` before anything is loaded (loading itself waits for the split)."""
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}: missing keys {missing[:10]}, unexpected "
+            f"keys {unexpected[:10]}; the checkpoint was saved from a different model (or load it with strict=False)"
+        )
 
 
 def _check_arguments(

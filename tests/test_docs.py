@@ -28,6 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter:Us
 
 DOCS = Path(__file__).parents[1] / "docs"
 TUTORIALS = ["index.md", "how-cmp-works.md", "choosing.md", "own-module.md", "troubleshooting.md", "recipes.md"]
+TUTORIALS += ["large-models.md"]
 #: the only reasons a block may be left out: it needs hardware CI does not have
 SKIP_REASONS = {"gpu", "cluster"}
 #: per page: (```python blocks run, lightning-cmp commands built in process, of those also run for real). A block
@@ -40,11 +41,14 @@ EXPECTED_RUNS = {
     "own-module.md": (3, 0, 0),
     "troubleshooting.md": (9, 0, 0),
     "recipes.md": (0, 13, 6),
+    "large-models.md": (1, 0, 0),
 }
 #: the examples of troubleshooting.md, each printing one error
 EXPECTED_ERRORS = 12
 #: lines of ```bash blocks that are not run by the tests: installation and set-up
 SETUP = ("python3 -m venv ", "source .venv/bin/activate", "sudo apt-get install ", "python train.py", "mkdocs ")
+#: benchmark commands (minutes on several workers): tests/bench runs them on a tiny model instead
+BENCHMARKS = ("python -m lightning_cmp.bench.",)
 #: commands run for real only up to this many worker processes (the CI machine has 2 cores)
 MAX_WORKERS = 2
 
@@ -90,7 +94,8 @@ def commands(page: str, run: bool = False) -> list[str]:
                 if not run or ("--print_config" not in line and _workers(line) <= MAX_WORKERS):
                     found.append(line)
             else:
-                assert not line or line.startswith(SETUP), f"{page}: run {line!r} in tests/test_docs.py or list it"
+                listed = not line or line.startswith(SETUP + BENCHMARKS)
+                assert listed, f"{page}: run {line!r} in tests/test_docs.py or list it"
     return found
 
 

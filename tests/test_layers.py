@@ -23,6 +23,9 @@ LIGHTNING_ALLOWED = (
     "cli.py",
     "checkpoint_io.py",
     "soak.py",
+    # The memory benchmark trains through the Trainer, as a user's script does (DDP and single device included).
+    "bench/memory_probe.py",
+    "bench/memory_run.py",
 )
 TORCH = {"torch", "torchvision", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics"}
 LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}

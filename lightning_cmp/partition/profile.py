@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_cmp.partition.chain import Chain
+from lightning_cmp.partition.materialize import has_meta, materialize
 
 __all__ = ["profile_blocks"]
 
@@ -21,7 +23,8 @@ def profile_blocks(chain: Chain, example_input: Tensor, repeats: int = 3) -> lis
     Blocks run one at a time, in the module's current train/eval mode, on a detached copy of the previous
     block's output. Buffers (BatchNorm statistics), parameter ``.grad`` and the RNG state are restored
     afterwards, and it works under ``torch.no_grad()`` / ``torch.inference_mode()``. A block whose output
-    does not require grad (nothing to differentiate) reports a backward time of 0.0.
+    does not require grad (nothing to differentiate) reports a backward time of 0.0. A block still on the meta
+    device (a model built in ``configure_model``) is timed on a materialised copy, one block at a time.
 
     Examples:
         >>> from lightning_cmp.partition import trace_chain
@@ -32,15 +35,24 @@ def profile_blocks(chain: Chain, example_input: Tensor, repeats: int = 3) -> lis
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
-    stages = [chain.stage_module(i, i + 1) for i in range(chain.num_blocks)]
     with torch.inference_mode(False), torch.enable_grad(), _restored(chain.root, example_input.device):
         x = example_input.clone()
         timings = []
-        for stage in stages:
+        for block in range(chain.num_blocks):
+            stage = _runnable(chain.stage_module(block, block + 1), example_input.device)
             runs = [_time_block(stage, x) for _ in range(repeats + 1)][1:]
             timings.append((statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)))
             x = runs[-1][2]
     return timings
+
+
+def _runnable(stage: nn.Module, device: torch.device) -> nn.Module:
+    """``stage`` itself, or a materialised copy of it when its tensors are still on the meta device."""
+    if not has_meta(stage):
+        return stage
+    stage = copy.deepcopy(stage)
+    materialize(stage, device)
+    return stage
 
 
 def _time_block(stage: nn.Module, x: Tensor) -> tuple[float, float, Tensor]:

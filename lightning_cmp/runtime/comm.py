@@ -60,12 +60,27 @@ def _talking_to(me: int, peers: Sequence[int], processes: Processes) -> Iterator
     except PeerLostError:
         raise
     except RuntimeError as err:  # DistBackendError and gloo's connection errors are RuntimeErrors
+        if _out_of_memory(err):  # this rank's own failure (e.g. a receive buffer), not a silent peer
+            raise
         suspects = blame(me, peers, processes)
         who = f"rank {suspects[0]}" if len(suspects) == 1 else f"one of ranks {suspects}"
         raise PeerLostError(
             f"{who} (peer of rank {me}) stopped answering: {err}. That worker died, raised or hung: its own "
             "error is in its log; a hung worker is given up after CMPStrategy(timeout=...) (default 120 s)"
         ) from err
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is this process failing to allocate memory (CPU or GPU), which no peer caused.
+
+    Examples:
+        >>> _out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+        True
+        >>> _out_of_memory(RuntimeError("Connection closed by peer"))
+        False
+    """
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
 def message_tag(kind: int, replica: int, stage: int, microbatch: int) -> int:

@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_cmp.errors import ScheduleError
 from lightning_cmp.runtime.averaging import Averager
 from lightning_cmp.runtime.comm import Comm, message_tag
+from lightning_cmp.runtime.rng import SeedKey, stage_seed
 from lightning_cmp.runtime.stage import StageActivations, StageCopy
 from lightning_cmp.schedule import Action, Kind, Placement, render_program
 
@@ -26,7 +27,8 @@ class Step:
     """Everything one forward/backward pass of the pipeline keeps between actions.
 
     ``inputs``, ``outputs`` and ``output_grads`` are keyed by (replica, microbatch); tensors in flight by
-    (message, replica, stage, microbatch) of the stage that produced them.
+    (message, replica, stage, microbatch) of the stage that produced them. With ``seed_key`` every stage forward
+    draws its random numbers from its own seed (`stage_seed`); without it, from the global stream.
     """
 
     training: bool
@@ -36,6 +38,10 @@ class Step:
     produced: dict[Key, Tensor] = field(default_factory=dict)
     outputs: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     output_grads: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    seed_key: SeedKey | None = None
+
+    def seed(self, replica: int, stage: int, microbatch: int) -> int | None:
+        return None if self.seed_key is None else stage_seed(self.seed_key, replica, stage, microbatch)
 
 
 class Executor:
@@ -91,7 +97,8 @@ class Executor:
         else:
             x = step.arrived.pop((_ACT_MSG, a.replica, a.stage - 1, a.microbatch))
         acts = step.acts.setdefault((a.replica, a.stage), StageActivations())
-        out = self.copies[(a.replica, a.stage)].forward(acts, a.microbatch, x, step.training)
+        seed = step.seed(a.replica, a.stage, a.microbatch)
+        out = self.copies[(a.replica, a.stage)].forward(acts, a.microbatch, x, step.training, seed)
         step.produced[(_ACT_MSG, a.replica, a.stage, a.microbatch)] = out
 
     def _backward(self, a: Action, step: Step) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -12,10 +12,13 @@ from torch import Tensor, nn
 
 from lightning_cmp.errors import CMPConfigError
 from lightning_cmp.partition import Chain
+from lightning_cmp.partition.materialize import materialize, release
 from lightning_cmp.runtime.averaging import Averager
 from lightning_cmp.runtime.comm import Comm
 from lightning_cmp.runtime.executor import Executor, Step
+from lightning_cmp.runtime.rng import ForwardSeeds
 from lightning_cmp.runtime.stage import StageCopy
+from lightning_cmp.runtime.state import fill, find_tensor, gather_tree
 from lightning_cmp.schedule import Placement, get_schedule, lower, lower_forward_only, split_phases
 
 __all__ = ["Pipeline"]
@@ -29,8 +32,11 @@ class Pipeline:
     Calling the pipeline runs the forward phase on every rank and returns the whole batch's output on
     every rank, so the caller's loss, metrics and logging are computed exactly as on one device. Its
     backward (``loss.backward()``) runs the backward phase, including the averaging of stage copies.
-    Non-local parameters of the traced module are released (``.data`` becomes empty) until
-    `full_state_dict` gathers them back.
+
+    A rank holds only its stages: at construction it gives them their values (from ``state``, a checkpoint
+    being restored; else from a rank that holds them; else a seeded ``reset_parameters()`` when the model was
+    built on the meta device) and releases every other stage's tensors to the meta device (same shape, no
+    memory, same Python objects). `full_state_dict` and `restore_full_module` gather them on one rank.
 
     Examples:
         >>> pipe = Pipeline(trace_chain(net), cuts=[3], schedule="cmp", comm=comm)  # doctest: +SKIP
@@ -47,6 +53,8 @@ class Pipeline:
         num_microbatches: int = 1,
         bucket_bytes: int | None = None,
         shared_memory: bool = True,
+        seed: int = 0,
+        state: Mapping[str, Tensor] | None = None,
     ) -> None:
         if averaging not in AVERAGING:
             raise CMPConfigError(f"averaging={averaging!r}; valid: {', '.join(map(repr, AVERAGING))}")
@@ -63,9 +71,14 @@ class Pipeline:
         program = lower(timetable, self.placement, num_microbatches, self._averages_gradients)[comm.me]
         self.forward_actions, self.backward_actions = split_phases(program)
         self.eval_actions = lower_forward_only(timetable, self.placement, num_microbatches)[comm.me]
-        self.copies = self._build_copies()
+        self.seed = seed
+        self.seeds = ForwardSeeds(seed)  # every stage forward draws dropout masks from its own seed
         if not comm.processes:  # a world Comm from the strategy has them already
             comm.gather_processes()
+        fill(chain.root, self.local_names(), comm, seed, state)
+        # Tensors no stage uses (an unused branch) stay on every rank; one built on the meta device gets memory.
+        materialize(chain.root, comm.device, seed, self._unstaged_names())
+        self.copies = self._build_copies()
         averager = Averager(comm, self.copies, bucket_bytes, shared_memory and spec.num_replicas == 2)
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
@@ -81,7 +94,13 @@ class Pipeline:
     def stage_bounds(self) -> list[int]:
         return [0, *self.cuts, self.chain.num_blocks]
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, step: int | None = None) -> Tensor:
+        """The whole batch's output; ``step`` (e.g. the trainer's global step) keys the random numbers.
+
+        Each stage forward draws from a seed made of (``seed``, ``step``, replica, stage, microbatch), so the two
+        replicas' halves and the microbatches get independent dropout masks, and a run restarted from a
+        checkpoint at step ``step`` draws what the uninterrupted run drew. ``step=None`` counts the calls.
+        """
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"the split module received a {type(x).__name__}; lightning_cmp pipelines take one tensor. "
@@ -94,11 +113,11 @@ class Pipeline:
             )
         self._check_same_input(x)
         if not torch.is_grad_enabled():
-            step = self._new_step(x, training=False)
-            self.executor.run(self.eval_actions, step)
-            return self._assemble(step)
+            state = self._new_step(x, training=False, step_index=step)
+            self.executor.run(self.eval_actions, state)
+            return self._assemble(state)
         anchor = torch.empty(0, requires_grad=True)
-        out: Tensor = _PipelineFunction.apply(self, anchor, x)
+        out: Tensor = _PipelineFunction.apply(self, anchor, x, step)
         return out
 
     def _check_same_input(self, x: Tensor) -> None:
@@ -114,19 +133,19 @@ class Pipeline:
             )
 
     # -- phases -----------------------------------------------------------------------------------------
-    def _new_step(self, x: Tensor, training: bool) -> Step:
+    def _new_step(self, x: Tensor, training: bool, step_index: int | None = None) -> Step:
         inputs = {}
         for replica, half in enumerate(x.tensor_split(self.num_replicas)):
             for mb, part in enumerate(half.tensor_split(self.num_microbatches)):
                 inputs[(replica, mb)] = part
-        return Step(training=training, inputs=inputs)
+        return Step(training=training, inputs=inputs, seed_key=self.seeds.key(step_index, training))
 
     def _assemble(self, step: Step) -> Tensor:
         keys = sorted(step.outputs)
         return torch.cat([step.outputs[k] for k in keys])
 
-    def run_forward(self, x: Tensor) -> tuple[Tensor, Step]:
-        step = self._new_step(x, training=True)
+    def run_forward(self, x: Tensor, step_index: int | None = None) -> tuple[Tensor, Step]:
+        step = self._new_step(x, training=True, step_index=step_index)
         try:
             self.executor.run(self.forward_actions, step)
         except ValueError as err:
@@ -180,9 +199,18 @@ class Pipeline:
         """The local tensors (0, 1 or 2) that hold parameter or buffer ``name`` of the traced module."""
         found: list[Tensor] = []
         for c in self.copies.values():
-            tensor = _find(c.module, name)
+            tensor = find_tensor(c.module, name)
             if tensor is not None and all(tensor is not f for f in found):
                 found.append(tensor)
+        return found
+
+    def owners(self) -> dict[str, int]:
+        """Each staged parameter or buffer name -> the rank holding its replica-A copy (its source in a gather)."""
+        bounds = self.stage_bounds()
+        found: dict[str, int] = {}
+        for stage in range(self.placement.num_stages):
+            params, buffers = self.chain.stage_state_names(bounds[stage], bounds[stage + 1])
+            found.update(dict.fromkeys([*params, *buffers], self.placement.rank(0, stage)))
         return found
 
     def owned_names(self) -> Iterator[str]:
@@ -202,42 +230,60 @@ class Pipeline:
             names.update(params, buffers)
         return names
 
-    def _release_non_local(self) -> None:
+    def local_names(self) -> set[str]:
+        """Parameter and buffer names of the stages this rank runs (of either replica)."""
+        bounds = self.stage_bounds()
+        names: set[str] = set()
+        for _, stage in self.placement.stages_on(self.comm.me):
+            params, buffers = self.chain.stage_state_names(bounds[stage], bounds[stage + 1])
+            names.update(params, buffers)
+        return names
+
+    def _unstaged_names(self) -> set[str]:
         root = self.chain.root
-        local = {id(t) for c in self.copies.values() for t in [*c.module.parameters(), *c.module.buffers()]}
-        staged = self.staged_names()
-        for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
-            if name in staged and id(tensor) not in local:
-                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return {n for n, _ in [*root.named_parameters(), *root.named_buffers()]} - self.staged_names()
+
+    def _release_non_local(self) -> None:
+        """Free the tensors of the stages other ranks run: they become meta tensors (shape kept, no memory)."""
+        local = self.local_names()
+        for name in self.staged_names() - local:
+            tensor = find_tensor(self.chain.root, name)
+            if tensor is not None:
+                release(tensor)
 
     # -- state ------------------------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """The traced module's whole state dict on every rank (a collective: call on all ranks)."""
-        mine = {name: _find(self.chain.root, name) for name in self.owned_names()}
-        state = {k: v.detach().cpu() for k, v in mine.items() if v is not None}
+    def full_state_dict(self, dst: int | None = 0) -> dict[str, Tensor] | None:
+        """The traced module's whole state dict (CPU tensors) on rank ``dst`` only, None on the others.
+
+        A collective. Each stage comes from the rank holding its replica-A copy, one tensor at a time, so no
+        rank but ``dst`` ever holds more than its own stages. ``dst=None``: on every rank (tests, debugging).
+        """
+        mine = {name: t for name in self.owned_names() if (t := find_tensor(self.chain.root, name)) is not None}
+        parts = gather_tree(mine, self.comm, 0 if dst is None else dst)
+        if dst is None:
+            parts = self.comm.broadcast_object(parts, 0)
+        if parts is None:
+            return None
         merged: dict[str, Tensor] = {}
-        for part in self.comm.all_gather_object(state):
+        for part in parts:
             merged.update(part)
         result = {}
         for name, tensor in self.chain.root.state_dict(keep_vars=True).items():
-            result[name] = merged[name] if name in merged else tensor.detach()
+            result[name] = merged[name] if name in merged else tensor.detach().cpu()
         return result
 
-    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Copy a whole (unsplit) state dict into this rank's local copies."""
-        staged = self.staged_names()
-        for name, value in state.items():
-            if name in staged:
+    def load_full_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Copy this rank's stages out of a whole (unsplit) state dict into its local copies."""
+        for name in self.local_names():
+            if name in state:
                 for tensor in self.copies_of(name):
-                    tensor.data.copy_(value)
+                    tensor.data.copy_(state[name])
 
-    def restore_full_module(self) -> None:
-        """Put the whole model back into the traced module on every rank (a collective)."""
-        state = self.full_state_dict()
-        root = self.chain.root
-        for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
-            if name in state and tensor.numel() == 0 and state[name].numel() > 0:
-                tensor.data = state[name].to(tensor.device)
+    def restore_full_module(self, dst: int = 0) -> None:
+        """Put the whole model back into the traced module on rank ``dst`` (a collective); the other ranks keep
+        their own stages."""
+        needed = self.staged_names() if self.comm.me == dst else set()
+        fill(self.chain.root, needed, self.comm, self.seed)
 
     def average_parameters(self) -> None:
         """Average weights and float buffers of every stage's two copies (parameter averaging)."""
@@ -279,16 +325,16 @@ class _PipelineFunction(torch.autograd.Function):
     """Connects the pipeline to the caller's autograd graph: its backward runs the backward phase."""
 
     @staticmethod
-    def forward(ctx: Any, pipeline: Pipeline, anchor: Tensor, x: Tensor) -> Tensor:
-        out, step = pipeline.run_forward(x)
+    def forward(ctx: Any, pipeline: Pipeline, anchor: Tensor, x: Tensor, step_index: int | None) -> Tensor:
+        out, step = pipeline.run_forward(x, step_index)
         ctx.pipeline, ctx.step = pipeline, step
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, None]:
         ctx.pipeline.run_backward(ctx.step, grad)
         ctx.step = None
-        return None, None, None
+        return None, None, None, None
 
 
 class _FreshGradients:
@@ -326,14 +372,3 @@ def _fingerprint(x: Tensor) -> Tensor:
         size = torch.tensor(float(len(rows)), dtype=torch.float64, device=data.device)
         weighted = [(position * r).sum() for r in (rows, magnitudes, odd_rows)]
         return torch.stack([size, rows.sum(), magnitudes.sum(), odd_rows.sum(), *weighted])
-
-
-def _find(module: nn.Module, name: str) -> Tensor | None:
-    """Parameter or buffer ``name`` of ``module`` (by qualified name), or None when it is not there."""
-    owner_name, _, attr = name.rpartition(".")
-    try:
-        owner = module.get_submodule(owner_name) if owner_name else module
-    except AttributeError:
-        return None
-    found = getattr(owner, attr, None)
-    return found if isinstance(found, Tensor) else None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from lightning_cmp.runtime.rng import seeded
 
 __all__ = ["StageActivations", "StageCopy"]
 
@@ -43,9 +46,19 @@ class StageCopy:
     def float_buffers(self) -> list[Tensor]:
         return [b for b in self.module.buffers() if b.is_floating_point()]
 
-    def forward(self, acts: StageActivations, microbatch: int, x: Tensor, training: bool) -> Tensor:
-        """Run the stage; with ``training`` keep the graph so `backward` can follow."""
+    def forward(
+        self, acts: StageActivations, microbatch: int, x: Tensor, training: bool, seed: int | None = None
+    ) -> Tensor:
+        """Run the stage; with ``training`` keep the graph so `backward` can follow.
+
+        With ``seed`` the stage draws its random numbers (dropout masks) from a generator seeded with it, and
+        the caller's random stream is left as it was. The backward draws none: autograd keeps the masks.
+        """
         self._follow_twin()
+        with seeded(seed, x.device) if seed is not None else nullcontext():
+            return self._run(acts, microbatch, x, training)
+
+    def _run(self, acts: StageActivations, microbatch: int, x: Tensor, training: bool) -> Tensor:
         if not training:
             return self.module(x)
         with torch.enable_grad():

@@ -46,7 +46,7 @@ def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str
     copies_differ = [n for (r, n), t in every.items() if r == 1 and not torch.equal(t, every[(0, n)])]
     pipe.close()
     return {
-        "state": pipe.full_state_dict(),
+        "state": pipe.full_state_dict(dst=None),
         "losses": losses,
         "copies_differ": copies_differ,
         "shared_memory": uses_shared_memory,
