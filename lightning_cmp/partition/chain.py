@@ -17,6 +17,12 @@ _NON_TENSOR_METHODS = frozenset(
     {"size", "dim", "ndimension", "numel", "nelement", "item", "tolist", "stride", "element_size", "get_device"}
 )
 _NON_TENSOR_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"})
+# Calls (methods or torch functions) returning a tuple of tensors, like ShuffleNet's ``x.chunk(2, dim=1)``: their
+# elements are tensors, the tuple itself is no cut value.
+_TUPLE_OPS = frozenset(
+    {"chunk", "split", "tensor_split", "unbind", "split_with_sizes", "topk", "sort", "meshgrid", "broadcast_tensors"}
+    | {"std_mean", "var_mean", "aminmax"}
+)
 
 
 def trace_chain(module: nn.Module, name: str = "model") -> Chain:
@@ -136,6 +142,34 @@ class Chain:
                             f"choose cuts that keep its users in one stage (cuts={list(cuts)})"
                         )
 
+    def forbidden_cuts(self) -> dict[int, str]:
+        """Cut positions that would give one parameter or buffer to two stages, each with the reason.
+
+        A module (or tensor) used by several blocks keeps all of them in one stage: `resolve_cuts` chooses no
+        cut among these positions and refuses explicit cuts that do.
+
+        Examples:
+            >>> lin = nn.Linear(4, 4)
+            >>> chain = trace_chain(nn.Sequential(lin, nn.ReLU(), lin, nn.Tanh()))
+            >>> chain.forbidden_cuts()
+            {1: "parameter '0.weight' is used by blocks 0 and 2 ('0', '0#1')", 2: "parameter '0.weight' ..."}
+        """
+        first: dict[int, int] = {}  # id(tensor) -> first / last block using it
+        last: dict[int, int] = {}
+        for block in range(self.num_blocks):
+            for tensor in self._stage_tensors(block, block + 1):
+                first.setdefault(id(tensor), block)
+                last[id(tensor)] = block
+        names = {id(t): f"parameter {n!r}" for n, t in self.root.named_parameters()}
+        names |= {id(t): f"buffer {n!r}" for n, t in self.root.named_buffers()}
+        forbidden: dict[int, str] = {}
+        for key, a in first.items():
+            b = last[key]
+            where = f"blocks {a} and {b} ({self.block_names[a]!r}, {self.block_names[b]!r})"
+            for cut in range(a + 1, b + 1):
+                forbidden.setdefault(cut, f"{names.get(key, 'a tensor')} is used by {where}")
+        return dict(sorted(forbidden.items()))
+
     def _check_range(self, first_block: int, stop_block: int) -> None:
         if not 0 <= first_block < stop_block <= self.num_blocks:
             raise PartitionError(
@@ -190,10 +224,12 @@ def _check_signature(graph: fx.Graph, module: nn.Module, name: str) -> None:
         )
     result = next(n for n in graph.nodes if n.op == "output").args[0]
     if not isinstance(result, fx.Node) or not _is_tensor(result):
-        found = _kind(result) if not isinstance(result, fx.Node) else f"a {_describe(result)} (not a tensor)"
+        found = _kind(result) if not isinstance(result, fx.Node) else f"{_article(_describe(result))} (not a tensor)"
+        built = isinstance(result, fx.Node) and _builds_object(result)  # a namedtuple of outputs
+        fix = "build it to return one tensor (torchvision's googlenet, inception_v3: aux_logits=False) or "
         raise PartitionError(
             f"{name}.forward returns {found}; lightning_cmp splits modules that return one tensor: "
-            f"pass module='<submodule>' to split the submodule that does{_children_hint(module)}"
+            f"{fix if built else ''}pass module='<submodule>' to split the submodule that does{_children_hint(module)}"
         )
 
 
@@ -202,7 +238,11 @@ def _kind(value: object) -> str:
     if value is None:
         return "None"
     kind = next((t.__name__ for t in (dict, list, tuple) if isinstance(value, t)), type(value).__name__)
-    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    return _article(kind)
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in ('a', 'e', 'i', 'o', 'u') else 'a'} {noun}"
 
 
 def _children_hint(module: nn.Module) -> str:
@@ -267,15 +307,28 @@ def _is_tensor(node: fx.Node) -> bool:
     """Static guess, from how a value was made, whether it is a tensor (fx proxies carry no types)."""
     if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
         return False
+    if _builds_object(node) or _returns_tuple(node):
+        return False
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] not in _NON_TENSOR_ATTRS
     if node.op == "call_function" and node.target is len:
         return False
     if node.op == "call_function" and node.target is operator.getitem:
-        return _is_tensor(node.all_input_nodes[0])
+        source = node.all_input_nodes[0]
+        return _returns_tuple(source) or _is_tensor(source)
     if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
         return any(_is_tensor(a) for a in node.all_input_nodes if a.op != "get_attr")
     return True
+
+
+def _returns_tuple(node: fx.Node) -> bool:
+    return node.op in ("call_method", "call_function") and getattr(node.target, "__name__", node.target) in _TUPLE_OPS
+
+
+def _builds_object(node: fx.Node) -> bool:
+    """A class called in forward, e.g. a namedtuple of outputs (torchvision's ``GoogLeNetOutputs``)."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, type) and not issubclass(target, torch.Tensor)
 
 
 def _get_attr_inputs(node: fx.Node) -> Iterable[fx.Node]:
@@ -290,6 +343,8 @@ def _fetch_attr(module: nn.Module, target: str) -> object:
 
 
 def _describe(node: fx.Node) -> str:
+    if _builds_object(node):
+        return str(getattr(node.target, "__name__", node.target))
     return f"{node.op} {getattr(node.target, '__name__', node.target)}"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import accumulate, pairwise
 
 from lightning_cmp.errors import PartitionError, unknown_name
@@ -23,6 +23,10 @@ __all__ = [
 # blocks [bounds[s], bounds[s + 1]) with bounds = [0, *cuts, num_blocks].
 
 POLICIES = ("uniform", "balanced")
+
+#: Cut positions no stage may start at, each with the reason (blocks on both sides share a parameter); see
+#: ``Chain.forbidden_cuts``.
+Forbidden = Mapping[int, str]
 
 
 def too_few_blocks(num_stages: int, num_blocks: int) -> PartitionError:
@@ -54,32 +58,73 @@ def check_num_stages(num_blocks: int, num_stages: int) -> None:
         raise too_few_blocks(num_stages, num_blocks)
 
 
-def uniform_cuts(num_blocks: int, num_stages: int) -> list[int]:
+def uniform_cuts(num_blocks: int, num_stages: int, forbidden: Forbidden | None = None) -> list[int]:
     """Cuts giving every stage the same number of blocks; the first ``num_blocks % num_stages`` get one more.
+
+    With ``forbidden`` positions: the split with the smallest largest block count among the allowed cuts.
 
     Examples:
         >>> uniform_cuts(10, 3)
         [4, 7]
+        >>> uniform_cuts(10, 3, forbidden={4: "shared weights", 7: "shared weights"})
+        [2, 6]
     """
+    if forbidden:
+        return balanced_cuts([1.0] * num_blocks, num_stages, forbidden)
     check_num_stages(num_blocks, num_stages)
     size, extra = divmod(num_blocks, num_stages)
     return list(accumulate(size + (stage < extra) for stage in range(num_stages - 1)))
 
 
-def balanced_cuts(costs: Sequence[float], num_stages: int) -> list[int]:
+def balanced_cuts(costs: Sequence[float], num_stages: int, forbidden: Forbidden | None = None) -> list[int]:
     """Cuts minimising the largest stage cost (exact dynamic program over contiguous splits).
 
-    Among optimal splits the lexicographically smallest cuts win, so the answer is deterministic.
+    Among optimal splits the lexicographically smallest cuts win, so the answer is deterministic. No cut is
+    placed at a ``forbidden`` position: the blocks between two allowed positions move as one.
 
     Examples:
         >>> balanced_cuts([1, 1, 1, 3], 2)
         [3]
         >>> balanced_cuts([1, 1, 1, 1], 3)
         [1, 2]
+        >>> balanced_cuts([1, 1, 1, 3], 2, forbidden={3: "parameter 'w' is used by blocks 2 and 3"})
+        [2]
     """
     _check_costs(costs)
     num_blocks = len(costs)
     check_num_stages(num_blocks, num_stages)
+    bounds = _group_bounds(num_blocks, num_stages, forbidden or {})
+    return [bounds[group] for group in _min_max_cuts(stage_costs(costs, bounds[1:-1]), num_stages)]
+
+
+def _group_bounds(num_blocks: int, num_stages: int, forbidden: Forbidden) -> list[int]:
+    """``[0, *allowed cut positions, num_blocks]``; raises when they give fewer than ``num_stages`` stages."""
+    allowed = [cut for cut in range(1, num_blocks) if cut not in forbidden]
+    if num_stages > len(allowed) + 1:
+        blocked = [cut for cut in forbidden if 0 < cut < num_blocks]
+        raise PartitionError(
+            f"num_stages={num_stages} but the model's {num_blocks} blocks can be cut only at "
+            f"{_ranges(allowed) or 'no position'}, so {len(allowed) + 1} stage(s) at most: cuts {_ranges(blocked)} "
+            f"would split shared weights ({forbidden[min(blocked)]}); use num_stages<={len(allowed) + 1}, "
+            "or stop sharing the weights"
+        )
+    return [0, *allowed, num_blocks]
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[1, 2, 3, 6, 8, 9]`` -> ``"1..3, 6, 8..9"``."""
+    runs: list[list[int]] = []
+    for value in sorted(values):
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
+
+
+def _min_max_cuts(costs: Sequence[float], num_stages: int) -> list[int]:
+    """The lexicographically smallest cuts among those minimising the largest stage cost."""
+    num_blocks = len(costs)
     prefix = [0.0, *accumulate(float(c) for c in costs)]
     best = _suffix_bottlenecks(prefix, num_stages)
     bottleneck = best[num_stages][0]
@@ -105,12 +150,16 @@ def _suffix_bottlenecks(prefix: list[float], num_stages: int) -> list[list[float
     return best
 
 
-def check_cuts(cuts: Sequence[int], num_blocks: int, num_stages: int) -> list[int]:
+def check_cuts(cuts: Sequence[int], num_blocks: int, num_stages: int, forbidden: Forbidden | None = None) -> list[int]:
     """Validate user cuts and return them as a list; errors name the bad value and the fix.
 
     Examples:
         >>> check_cuts([3, 7], num_blocks=12, num_stages=3)
         [3, 7]
+        >>> check_cuts([2], num_blocks=4, num_stages=2, forbidden={2: "parameter '0.weight' is used by blocks 0 and 2"})
+        Traceback (most recent call last):
+        ...
+        lightning_cmp.errors.PartitionError: cut 2 of partition=[2] puts blocks that share weights in two stages: ...
     """
     check_num_stages(num_blocks, num_stages)
     given = list(cuts)
@@ -131,13 +180,25 @@ def check_cuts(cuts: Sequence[int], num_blocks: int, num_stages: int) -> list[in
             raise PartitionError(
                 f"cut {cut} is out of range: the model has {num_blocks} blocks, so cuts must lie in 1..{num_blocks - 1}"
             )
+        if forbidden and cut in forbidden:
+            allowed = [c for c in range(1, num_blocks) if c not in forbidden]
+            raise PartitionError(
+                f"cut {cut} of partition={given} puts blocks that share weights in two stages: {forbidden[cut]}; "
+                f"keep them in one stage: cuts may lie at {_ranges(allowed) or 'no position'}"
+            )
     return given
 
 
 def resolve_cuts(
-    policy: str | Sequence[int], num_blocks: int, num_stages: int, costs: Sequence[float] | None = None
+    policy: str | Sequence[int],
+    num_blocks: int,
+    num_stages: int,
+    costs: Sequence[float] | None = None,
+    forbidden: Forbidden | None = None,
 ) -> list[int]:
     """Turn a partition policy (``"uniform"``, ``"balanced"`` or explicit cuts) into checked cuts.
+
+    ``forbidden`` (``Chain.forbidden_cuts()``): positions the policies never cut at and explicit cuts may not use.
 
     Examples:
         >>> resolve_cuts("uniform", 6, 3)
@@ -146,11 +207,13 @@ def resolve_cuts(
         [1]
         >>> resolve_cuts([2], 6, 2)
         [2]
+        >>> resolve_cuts("balanced", 3, 2, costs=[4.0, 1.0, 1.0], forbidden={1: "tied weights"})
+        [2]
     """
     if not isinstance(policy, str):
-        return check_cuts(policy, num_blocks, num_stages)
+        return check_cuts(policy, num_blocks, num_stages, forbidden)
     if policy == "uniform":
-        return uniform_cuts(num_blocks, num_stages)
+        return uniform_cuts(num_blocks, num_stages, forbidden)
     if policy != "balanced":
         raise unknown_name("partition", policy, POLICIES)
     if costs is None:
@@ -160,7 +223,7 @@ def resolve_cuts(
         )
     if len(costs) != num_blocks:
         raise PartitionError(f"got {len(costs)} block costs but the model has {num_blocks} blocks; give one per block")
-    return balanced_cuts(costs, num_stages)
+    return balanced_cuts(costs, num_stages, forbidden)
 
 
 def stage_costs(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:

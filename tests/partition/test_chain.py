@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from itertools import pairwise
+from typing import NamedTuple
 
 import lightning as L
 import pytest
@@ -17,7 +18,8 @@ from lightning_cmp.partition import Chain, trace_chain, uniform_cuts
 torch.set_num_threads(1)
 
 # Pinned block counts (a block ends where exactly one tensor flows on; in-place ops are not cut before).
-TORCHVISION_BLOCKS = {"resnet18": 14, "resnet50": 22, "vgg16": 25, "mobilenet_v2": 58}
+# ShuffleNet splits tensors with x.chunk(2): the tuple it returns is never a cut value.
+TORCHVISION_BLOCKS = {"resnet18": 14, "resnet50": 22, "vgg16": 25, "mobilenet_v2": 58, "shufflenet_v2_x0_5": 39}
 
 
 def _cnn() -> nn.Sequential:
@@ -201,12 +203,23 @@ class _Size(nn.Module):
         return x.size(0)
 
 
+class _Outputs(NamedTuple):
+    logits: Tensor
+    aux: Tensor
+
+
+class _NamedOut(_TwoOut):
+    def forward(self, x: Tensor) -> _Outputs:  # type: ignore[override]
+        return _Outputs(self.net(x), x)  # like torchvision's GoogLeNetOutputs in training mode
+
+
 @pytest.mark.parametrize(
     ("module", "message"),
     [
         (_TwoOut(), r"model.forward returns a tuple; lightning_cmp splits modules that return one tensor: .*'net'"),
         (_TwoIn(), r"model.forward needs 2 inputs \(x, y\); lightning_cmp splits modules that take one tensor"),
         (_Size(), r"model.forward returns a call_method size \(not a tensor\)"),
+        (_NamedOut(), r"model.forward returns a _Outputs \(not a tensor\); .*tensor: build it to return one tensor"),
     ],
 )
 def test_signature_errors(module: nn.Module, message: str) -> None:
