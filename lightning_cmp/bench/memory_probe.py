@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_cmp.bench.measure import peak_rss_mib
-from lightning_cmp.runtime.memory import WorkerBytes, held_bytes, worker_bytes
+from lightning_cmp.runtime.memory import WorkerBytes, held_bytes, tensors_in, worker_bytes
 
 __all__ = ["ActivationMeter", "MemoryProbe", "RssSampler", "current_mib", "tensors_in"]
 
@@ -36,24 +36,6 @@ def _status(fields: tuple[str, ...]) -> dict[str, float]:
     except OSError:
         return {}
     return {line[0].rstrip(":"): int(line[1]) / 1024 for line in lines}
-
-
-def tensors_in(value: Any) -> Iterator[Tensor]:
-    """Every tensor inside nested dicts, lists and tuples (a checkpoint, an optimizer state).
-
-    Examples:
-        >>> import torch
-        >>> len(list(tensors_in({"a": [torch.zeros(1), (torch.ones(2), 3)], "b": "x"})))
-        2
-    """
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from tensors_in(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from tensors_in(v)
 
 
 class ActivationMeter:

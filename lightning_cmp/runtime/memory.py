@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-__all__ = ["WorkerBytes", "held_bytes", "worker_bytes"]
+__all__ = ["WorkerBytes", "held_bytes", "tensors_in", "worker_bytes"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def worker_bytes(modules: Iterable[nn.Module], optimizers: Iterable[Optimizer]) 
     """
     modules = list(modules)
     params = [p for m in modules for p in m.parameters()]
-    state = [v for opt in optimizers for s in opt.state.values() for v in _tensors(s)]
+    state = [v for opt in optimizers for s in opt.state.values() for v in tensors_in(s)]
     return WorkerBytes(
         parameters=held_bytes(params),
         buffers=held_bytes(b for m in modules for b in m.buffers()),
@@ -79,12 +79,19 @@ def worker_bytes(modules: Iterable[nn.Module], optimizers: Iterable[Optimizer]) 
     )
 
 
-def _tensors(value: Any) -> Iterator[Tensor]:
+def tensors_in(value: Any) -> Iterator[Tensor]:
+    """Every tensor inside nested dicts, lists and tuples (a checkpoint, an optimizer state).
+
+    Examples:
+        >>> import torch
+        >>> len(list(tensors_in({"a": [torch.zeros(1), (torch.ones(2), 3)], "b": "x"})))
+        2
+    """
     if isinstance(value, Tensor):
         yield value
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(value, list | tuple):
         for v in value:
-            yield from _tensors(v)
+            yield from tensors_in(v)

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 
 import lightning_cmp
-from lightning_cmp.runtime.memory import held_bytes
+from lightning_cmp.runtime.memory import held_bytes, tensors_in
 from tests.helpers.lit import loader
 
 WIDTH = 64
@@ -80,20 +80,10 @@ class MemoryRecorder(Callback):
         self._record(trainer, f"step{trainer.global_step}")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        optimizer_state = [t for opt in trainer.optimizers for s in opt.state.values() for t in _tensors(s)]
+        optimizer_state = [t for opt in trainer.optimizers for s in opt.state.values() for t in tensors_in(s)]
         own = [*pl_module.parameters(), *pl_module.buffers(), *optimizer_state]
-        extra = held_bytes([*own, *_tensors(checkpoint)]) - held_bytes(own)
+        extra = held_bytes([*own, *tensors_in(checkpoint)]) - held_bytes(own)
         self._record(trainer, "checkpoint", extra)
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def trainer_for(cfg: dict, out: Path, epochs: int, callbacks: list[Callback], **strategy: Any) -> L.Trainer:
