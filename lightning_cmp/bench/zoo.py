@@ -158,16 +158,26 @@ def per_replica(model: nn.Module, x: Tensor, num_replicas: int = 2) -> Tensor:
         (torch.Size([4, 2]), 1)
     """
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORM) and m.training and m.running_mean is not None]
-    start = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    start = [_buffers(m) for m in norms]
     outputs, ends = [], []
     for share in x.tensor_split(num_replicas):
         for m, state in zip(norms, start, strict=True):
-            m.load_state_dict(state)
+            _set_buffers(m, state)
         outputs.append(model(share))
-        ends.append([{k: v.clone() for k, v in m.state_dict().items()} for m in norms])
+        ends.append([_buffers(m) for m in norms])
     for i, m in enumerate(norms):
-        m.load_state_dict(_mean_state([end[i] for end in ends]))
+        _set_buffers(m, _mean_state([end[i] for end in ends]))
     return torch.cat(outputs)
+
+
+def _buffers(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in module.named_buffers(recurse=False)}
+
+
+def _set_buffers(module: nn.Module, buffers: dict[str, Tensor]) -> None:
+    # New tensors, not in-place copies: autograd saved the running statistics the forward used.
+    for name, value in buffers.items():
+        setattr(module, name, value.clone())
 
 
 def _mean_state(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
