@@ -617,7 +617,7 @@ class CMPStrategy(ParallelStrategy):
             for layout in self._layouts:
                 layout.restore()
         if self._pipeline is not None:
-            self._pipeline.close()
+            self._pipeline.close(drain=not self._failed)
         elif self._pending_state is not None and not self._failed and not self.keep_split and self.global_rank == 0:
             # Restored but never run (e.g. resuming a finished fit): rank 0's module takes the checkpoint whole.
             module = self.lightning_module

@@ -138,11 +138,20 @@ class Averager:
                     self._where[id(p)] = (key, index)
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
-    def close(self) -> None:
+    def close(self, drain: bool = True) -> None:
         """Remove the gradient hooks from the parameters and this rank's shared-memory file names.
 
-        Acknowledgements still in flight need no wait: each is matched by the peer's send of the same step.
+        With ``drain`` (a normal end), exchanges and acknowledgements still in flight are waited for first: a
+        gloo send or receive whose buffers are freed while it is pending can leave the connection to the peer
+        unusable, and the next collective on it (a new pipeline's set-up, Lightning's barriers) then hangs.
+        After a failure (``drain=False``) nothing is waited for: the peer may be gone.
         """
+        if drain:
+            self.wait()
+            for works, peer in self._acks.values():
+                self.comm.wait(works, peer)
+        self._acks.clear()
+        self._pending.clear()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()

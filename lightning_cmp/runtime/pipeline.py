@@ -83,9 +83,14 @@ class Pipeline:
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
 
-    def close(self) -> None:
-        """Detach from the model: remove the averaging hooks from its parameters (call once training ends)."""
-        self.executor.averager.close()
+    def close(self, drain: bool = True) -> None:
+        """Detach from the model: remove the averaging hooks from its parameters (call once training ends).
+
+        ``drain`` first waits for the messages still in flight (pass ``False`` after a failure: a peer may be gone).
+        """
+        if drain:
+            self.comm.wait_sends()
+        self.executor.averager.close(drain)
 
     @property
     def num_replicas(self) -> int:

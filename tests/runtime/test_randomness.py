@@ -127,3 +127,17 @@ def test_dropout_masks_are_independent_and_reproducible() -> None:
         assert _equal(runs["straight"], runs["resumed"]), f"rank {rank}: a resumed run differs"
         assert not _equal(runs["straight"], runs["other_seed"]), f"rank {rank}: the seed changes nothing"
     assert _equal(rank0["runs"]["straight"], rank1["runs"]["straight"])
+
+
+def _closed_mid_exchange(rank: int, world: int, rounds: int) -> int:
+    """Pipelines closed right after backward (no optimizer step: the step's acknowledgements are in flight),
+    each followed by a new one. Freeing those messages pending used to break the gloo connection now and then:
+    the next pipeline's set-up collective hung (this file's scenarios timed out in CI)."""
+    for _ in range(rounds):
+        _masks_cmp(rank, world)
+        _masks_gpipe(rank, world)
+    return len(Comm(list(range(world)), rank, torch.device("cpu")).all_gather_object(rank))
+
+
+def test_a_pipeline_closed_mid_exchange_leaves_the_connection_usable() -> None:
+    assert run_workers(_closed_mid_exchange, 2, rounds=30) == [2, 2]
