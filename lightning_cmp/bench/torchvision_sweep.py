@@ -11,6 +11,7 @@ deterministically (`lightning_cmp.bench.zoo`: BatchNorm in eval mode, dropout an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import os
@@ -43,6 +44,7 @@ from lightning_cmp.bench.zoo import (
 from lightning_cmp.errors import CMPConfigError, PartitionError
 from lightning_cmp.partition import Chain, profile_blocks, resolve_cuts, trace_chain
 from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
+from lightning_cmp.runtime.shm import SHM_DIR
 
 __all__ = ["run_cases", "sweep_model", "table"]
 
@@ -152,14 +154,24 @@ def sweep_model(
     if row.pop("diverged", False):
         row.update(compare(train_batchnorm=True), train_batchnorm=True)
     if row.get("max_rel_err", 0.0) > TOLERANCE:
-        err32 = row["max_rel_err"]
-        err64 = compare(dtype=torch.float64, train_batchnorm=row.get("train_batchnorm", False)).get("max_rel_err")
-        row["max_rel_err_float64"] = err64 = float("inf") if err64 is None else err64
-        verdict = "matches in float64" if err64 <= TOLERANCE else "DIFFERS in float64"
-        row["result"] = f"{verdict} (max rel err {err64:.1e}; float32: {err32:.1e}, rounding amplified by the model)"
+        row.update(
+            _float64_check(
+                row["max_rel_err"], compare(dtype=torch.float64, train_batchnorm=row.get("train_batchnorm", False))
+            )
+        )
     if row.get("train_batchnorm"):
         row["result"] += "; BatchNorm in training mode (in eval mode one device diverges)"
     return {**row, "seconds": time.perf_counter() - started}
+
+
+def _float64_check(err32: float, check: dict[str, Any]) -> dict[str, Any]:
+    """The result after a float32 difference: what the same comparison gives in float64."""
+    err64 = check.get("max_rel_err")
+    if err64 is None:  # the check itself could not run (out of memory, one device diverges)
+        return {"result": f"DIFFERS (max rel err {err32:.1e}); float64 check: {check['result']}"}
+    verdict = "matches in float64" if err64 <= TOLERANCE else "DIFFERS in float64"
+    result = f"{verdict} (max rel err {err64:.1e}; float32: {err32:.1e}, rounding amplified by the model)"
+    return {"result": result, "max_rel_err_float64": err64}
 
 
 def _compare(
@@ -183,16 +195,31 @@ def _compare(
     gc.collect()
     case = {"name": name, "size": size, "reference": str(path), "options": options, "dtype": dtype}
     case["train_batchnorm"] = train_batchnorm
+    launched = time.time()
     try:
         first, second = run_workers(run_cases, NUM_STAGES, timeout, cases=[case], steps=steps, batch_size=batch_size)
         return _merge(first[0], second[0])
     except Exception as err:  # reported in the table, the sweep goes on
+        _remove_orphan_regions(launched)
         message = _last_line(err)
         if "died without reporting" in message and ": -9}" in message:  # SIGKILL: the kernel's OOM killer here
             return {"result": f"cannot run here: {message}, out of memory ({_memory_gib():.0f} GiB machine)"}
         return {"result": f"FAILED: {message}"}
     finally:
         path.unlink(missing_ok=True)
+
+
+def _remove_orphan_regions(since: float) -> None:
+    """Shared-memory regions of killed workers (a SIGKILL leaves the first exchange's files): they hold memory
+    until removed, so the next models would run out of it too. Only files no live process maps are removed."""
+    mapped = ""
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            mapped += maps.read_text()
+    for path in SHM_DIR.glob("lightning_cmp-*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime >= since - 1 and path.name not in mapped:
+                path.unlink()
 
 
 def _memory_gib() -> float:
