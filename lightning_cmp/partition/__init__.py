@@ -1,5 +1,12 @@
 """Partition layer: trace a model into a chain of blocks, profile their cost, and choose the stage cuts."""
 
+from lightning_cmp.partition.bipartition import (
+    BlockCosts,
+    bipartition_cuts,
+    bipartition_loads,
+    check_bipartition_cuts,
+    imbalance,
+)
 from lightning_cmp.partition.chain import Chain, trace_chain
 from lightning_cmp.partition.profile import profile_blocks
 from lightning_cmp.partition.solver import POLICIES as PARTITION_POLICIES
@@ -15,10 +22,15 @@ from lightning_cmp.partition.solver import (
 
 __all__ = [
     "PARTITION_POLICIES",
+    "BlockCosts",
     "Chain",
     "balanced_cuts",
+    "bipartition_cuts",
+    "bipartition_loads",
+    "check_bipartition_cuts",
     "check_cuts",
     "check_num_stages",
+    "imbalance",
     "profile_blocks",
     "resolve_cuts",
     "stage_costs",
