@@ -74,8 +74,15 @@ def materialize(
         for _, tensor in _direct(owner):
             if tensor.is_meta:
                 _swap(tensor, torch.empty_like(tensor, device=device))
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(_seed(seed, owner_name))
+        # Seeds only the generator that draws for ``device`` and restores it: torch.manual_seed would reset
+        # every GPU's stream, which then differs between ranks that materialise different stages.
+        target = torch.device(device)
+        cuda = [target] if target.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"), torch.no_grad():
+            torch.default_generator.manual_seed(_seed(seed, owner_name))
+            for gpu in cuda:
+                with torch.cuda.device(gpu):
+                    torch.cuda.manual_seed(_seed(seed, owner_name))
             reset()
 
 
