@@ -4,10 +4,16 @@ twice is split by ``balanced`` where nothing is shared.
 
 In float64: some ReLU networks amplify float32's last-bit rounding differences between two steps (in one process
 too), so a float32 comparison would depend on the CPU and the thread count; float64 does not.
+
+Also without any model: ``--merge`` keeps the rows of the models not run, the memory floor stops the workers, and
+the table in docs/own-module.md is the one docs/bench/torchvision_sweep.json gives, covering every classifier.
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +31,7 @@ from tests.helpers.launch import run_workers
 #: and one refused at set-up (its training-mode forward returns a namedtuple).
 TRAINED = ["resnet18", "mobilenet_v3_small", "squeezenet1_0"]
 REFUSED = {"googlenet": "googlenet.forward returns a GoogLeNetOutputs (not a tensor)"}
+COMMAND = "python -m lightning_cmp.bench.torchvision_sweep"
 
 
 def _shared_net() -> nn.Sequential:
@@ -97,3 +104,69 @@ def test_subset_matches_single_device_or_is_refused(cases: list[dict]) -> None:
     reference = _shared_net()
     _train(reference, torch.optim.SGD(reference.parameters(), lr=zoo.LR, momentum=zoo.MOMENTUM), _shared_data())
     assert zoo.relative_error(shared["state"], reference.state_dict()) < 1e-6
+
+
+def _row(model: str, result: str) -> dict:
+    return {"model": model, "size": 28, "result": result, "seconds": 1.0}
+
+
+def test_merge_replaces_the_rows_of_the_models_run_and_keeps_the_others(tmp_path: Path) -> None:
+    out, later = tmp_path / "sweep.json", tmp_path / "later.json"
+    threads = torch.get_num_threads()
+    try:
+        # --merge without --models runs nothing: an empty sweep with this machine's configuration
+        sweep.main(["--merge", "--out", str(later)])
+        record = json.loads(later.read_text())
+        assert record["rows"] == [] and record["commands"] == [f"{COMMAND} --merge --out {later}"]
+        earlier = {**record, "commands": ["first sweep"]}
+        earlier["rows"] = [
+            _row("alexnet", "matches (max rel err 1.2e-07)"),
+            _row("googlenet", "refused: googlenet.forward returns a GoogLeNetOutputs (not a tensor)"),
+            _row("googlenet (aux_logits=False)", "FAILED: an earlier error"),
+            _row("vgg11", "cannot run here: out of memory"),
+        ]
+        out.write_text(json.dumps(earlier))
+        record["rows"] = [_row("googlenet", "matches (max rel err 1.0e-06)"), _row("convnext_tiny", "matches")]
+        later.write_text(json.dumps(record))
+        sweep.main(["--merge", str(later), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    merged = json.loads(out.read_text())
+    # googlenet's two earlier rows are replaced by its one new row; model_names() order
+    assert [(r["model"], r["result"].split(" ")[0]) for r in merged["rows"]] == [
+        ("alexnet", "matches"),
+        ("convnext_tiny", "matches"),
+        ("googlenet", "matches"),
+        ("vgg11", "cannot"),
+    ]
+    assert merged["commands"] == [
+        "first sweep",
+        f"{COMMAND} --merge --out {later}",
+        f"{COMMAND} --merge {later} --out {out}",
+    ]
+    assert sweep.summary(merged["rows"]) == "4 rows: 3 match, 1 cannot run here"
+    with pytest.raises(ValueError, match="different configs"):
+        sweep.merge(merged, {**merged, "config": {**merged["config"], "steps": 3}})
+
+
+_SWEEP_JSON = Path(__file__).parents[2] / "docs" / "bench" / "torchvision_sweep.json"
+
+
+@pytest.mark.skipif(not _SWEEP_JSON.exists(), reason="docs/bench/torchvision_sweep.json not written yet")
+def test_the_docs_table_is_the_one_the_json_gives_and_covers_every_classifier() -> None:
+    record = json.loads(_SWEEP_JSON.read_text())
+    assert {r["model"].split(" (")[0] for r in record["rows"]} == set(zoo.model_names())
+    page = (Path(__file__).parents[2] / "docs" / "own-module.md").read_text()
+    for line in [*sweep.table(record["rows"]).splitlines(), sweep.summary(record["rows"])]:
+        assert line in page, f"docs/own-module.md: differs from docs/bench/torchvision_sweep.json at\n{line}"
+
+
+def test_workers_are_stopped_when_the_machine_runs_short_of_memory() -> None:
+    worker = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    worker.start()
+    with sweep._memory_floor(float("inf")) as stopped:  # never that much available: stop at once
+        worker.join(30)
+    assert stopped.is_set() and worker.exitcode == -9
+    with sweep._memory_floor(0.0) as stopped:
+        pass
+    assert not stopped.is_set()
