@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["CMPConfigError", "PartitionError", "ScheduleError", "unknown_name"]
+__all__ = ["CMPConfigError", "CopiesDriftedError", "PartitionError", "ScheduleError", "unknown_name"]
 
 
 class CMPConfigError(ValueError):
@@ -13,6 +13,10 @@ class CMPConfigError(ValueError):
 
 class PartitionError(ValueError):
     """The model cannot be split as asked (not traceable, too few cut points, bad cut indices)."""
+
+
+class CopiesDriftedError(RuntimeError):
+    """The two copies of a stage, meant to stay bitwise identical, no longer are (something changed one only)."""
 
 
 class ScheduleError(RuntimeError):

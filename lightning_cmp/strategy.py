@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Callable, Generator, Hashable, Mapping, Sequence
+from collections.abc import Callable, Generator, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -27,9 +27,11 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from typing_extensions import override
 
 from lightning_cmp.checkpoint_io import AtomicCheckpointIO
@@ -40,6 +42,7 @@ from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.comm import peers_lost
 from lightning_cmp.runtime.liveness import stop_processes
 from lightning_cmp.runtime.memory import WorkerBytes, worker_bytes
+from lightning_cmp.runtime.scaler import agree_on_overflow
 from lightning_cmp.runtime.state import fill, find_tensor
 from lightning_cmp.runtime.stream import serve, write_streamed
 from lightning_cmp.runtime.trace import write_trace
@@ -57,6 +60,10 @@ STARTUP_TIMEOUT = timedelta(seconds=120)
 
 # Whether this process created the default process group, and whether a run in it failed.
 _exit_state = {"registered": False, "failed": False}
+
+
+#: Optimizer steps between two checks that the copies of every stage are still identical (and at the end of fit).
+CHECK_COPIES_EVERY = 50
 
 
 def _set_group_timeout(timeout: timedelta) -> None:
@@ -191,6 +198,8 @@ class CMPStrategy(ParallelStrategy):
         self._failed = False
         self._peers_lost = False
         self._metric_sync: dict[nn.Module, bool] = {}
+        self._undo_scaler: Callable[[], None] | None = None
+        self._inject_sampler: bool | None = None
         self.keep_split = keep_split
         # A checkpoint restored before the pipeline exists: applied to each rank's own stages when it is built.
         self._pending_state: Mapping[str, Tensor] | None = None
@@ -226,6 +235,26 @@ class CMPStrategy(ParallelStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Every worker of one pipeline must see the same batch: one data-parallel replica.
         return {"num_replicas": 1, "rank": 0}
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Lightning's sampler injection, kept only where it is needed: a shuffled loader is shuffled alike on
+        every worker (seeded with ``PL_GLOBAL_SEED``, reshuffled each epoch); ``shuffle=False`` keeps its order.
+
+        Under any distributed strategy Lightning wraps a training loader in ``DistributedSampler(shuffle=True)``,
+        even one built with ``shuffle=False``; `setup` turns that injection off and this does the part we need.
+        """
+        if not (self._inject_sampler and isinstance(dataloader, DataLoader)):
+            return dataloader
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        predicting = trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
+        if predicting or not isinstance(dataloader.sampler, RandomSampler):
+            return dataloader  # a sequential or the user's own sampler: as on one device
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler: DistributedSampler[int] = DistributedSampler(
+            dataloader.dataset, num_replicas=1, rank=0, shuffle=True, seed=seed
+        )
+        return _update_dataloader(dataloader, sampler)
 
     @override
     def model_to_device(self) -> None:
@@ -320,6 +349,10 @@ class CMPStrategy(ParallelStrategy):
                 f"{type(module).__name__}.automatic_optimization is False: remove it or use strategy='ddp'"
             )
         _check_precision(self.precision_plugin, self.schedule)
+        connector = trainer._accelerator_connector
+        if self._inject_sampler is None:  # the user's use_distributed_sampler; `process_dataloader` honours it
+            self._inject_sampler = connector.use_distributed_sampler
+        connector.use_distributed_sampler = False
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -349,6 +382,10 @@ class CMPStrategy(ParallelStrategy):
         plugin = self.precision_plugin
         unclipped = plugin.clip_grad_by_norm
         plugin.__dict__["clip_grad_by_norm"] = lambda optimizer, clip_val: self._clip(optimizer, clip_val, unclipped)
+        scaler = getattr(plugin, "scaler", None)
+        if isinstance(scaler, torch.amp.GradScaler) and self._comm is not None:
+            _check_unscaling(self.optimizers)
+            self._undo_scaler = agree_on_overflow(scaler, self._comm)
         for metric in module.modules():
             # Every worker holds identical metric states: syncing them across workers would count K times.
             if hasattr(metric, "sync_on_compute") and hasattr(metric, "dist_sync_on_step"):
@@ -359,6 +396,9 @@ class CMPStrategy(ParallelStrategy):
         if self._target is not None:
             self._target.__dict__.pop("forward", None)
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        if self._undo_scaler is not None:
+            self._undo_scaler()
+            self._undo_scaler = None
         for metric, sync in self._metric_sync.items():
             metric.__dict__["sync_on_compute"] = sync
         self._metric_sync.clear()
@@ -446,12 +486,63 @@ class CMPStrategy(ParallelStrategy):
 
     # -- steps ------------------------------------------------------------------------------------------
     @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._explain_reads("training_step"):
+            output = super().training_step(*args, **kwargs)
+            loss = output.get("loss") if isinstance(output, Mapping) else output
+            if isinstance(loss, Tensor) and loss.is_meta:  # a 0-dim real tensor plus a meta one is meta
+                raise RuntimeError("the loss it returned is a meta tensor")
+            return output
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._explain_reads("validation_step"):
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._explain_reads("test_step"):
+            return super().test_step(*args, **kwargs)
+
+    @contextmanager
+    def _explain_reads(self, hook: str) -> Iterator[None]:
+        """A step that used a parameter this worker does not hold (a meta tensor here) fails deep inside torch;
+        say why and what to do instead."""
+        try:
+            yield
+        except (RuntimeError, NotImplementedError) as err:
+            if self._pipeline is None or "meta" not in str(err):
+                raise
+            pipeline = self._pipeline
+            stages = sorted({stage for _, stage in pipeline.placement.stages_on(pipeline.comm.me)})
+            raise CMPConfigError(
+                f"{hook} used a parameter or buffer this worker does not hold ({type(err).__name__}: {err}). Under "
+                f"strategy={self.schedule!r} each worker holds only its stages (rank {self.global_rank} holds stages "
+                f"{stages} of {pipeline.placement.num_stages}); the others are meta tensors here, so code in {hook} "
+                "cannot read them (a hand-written L2 penalty, a logged weight or gradient norm). Put an L2 penalty in "
+                "the optimizer (e.g. SGD(..., weight_decay=...)), compute such terms inside the model's forward, or "
+                "use fewer stages (at num_stages=2 every worker holds a copy of every stage)"
+            ) from err
+
+    @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         result = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._optimizer_steps += 1
         if self.averaging == "parameter" and self._optimizer_steps % self.average_every == 0:
             self._average_parameters()
+        elif self.averaging == "gradient" and self._optimizer_steps % CHECK_COPIES_EVERY == 0:
+            self._check_copies(f"after optimizer step {self._optimizer_steps}")
         return result
+
+    @override
+    def on_train_end(self) -> None:
+        if self.averaging == "gradient":
+            self._check_copies("at the end of fit")
+
+    def _check_copies(self, when: str) -> None:
+        """The two copies of each stage are still identical (a collective; every rank raises alike if not)."""
+        if self._pipeline is not None:
+            self._pipeline.check_copies(when)
 
     def _average_parameters(self) -> None:
         if self._pipeline is not None and self.averaging == "parameter":
@@ -670,6 +761,18 @@ def _check_precision(plugin: Precision, schedule: str) -> None:
             f"strategy={schedule!r} does not support the {type(plugin).__name__} precision plugin; use precision="
             "'32-true', '64-true', '16-true', 'bf16-true', '16-mixed' or 'bf16-mixed'"
         )
+
+
+def _check_unscaling(optimizers: list[Optimizer]) -> None:
+    """Optimizers that unscale inside ``step`` (fused ones) decide to skip on their own: the workers would not
+    agree on an overflow in one stage."""
+    for optimizer in optimizers:
+        if getattr(_unwrap(optimizer), "_step_supports_amp_scaling", False):
+            raise CMPConfigError(
+                f"{type(_unwrap(optimizer)).__name__}(fused=True) unscales fp16 gradients inside its step, so the "
+                "workers cannot agree on skipping a step that overflowed in one stage; build it with fused=False "
+                "or use precision='bf16-mixed' (no loss scaling)"
+            )
 
 
 def _unwrap(optimizer: Any) -> Optimizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ _AVERAGE_MSG = 2  # message kinds for tags (0 activations, 1 gradients)
 _READY_MSG = 3  # shared memory: "my region holds this exchange's tensors"
 _ACK_MSG = 4  # shared memory: "I have read your region; you may write it again"
 _BUCKET_BYTES = 16 << 20
+_ABANDONED: list[Any] = []  # messages in flight when a failed run closed its pipeline: never freed while pending
 _MAX_BUCKETS = 100  # channel * 8 + dtype index must stay below the 1024 tags of a stage
 
 
@@ -63,6 +65,19 @@ def _zero_filled(params: Sequence[nn.Parameter]) -> list[Tensor]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return [p.grad for p in params if p.grad is not None]
+
+
+def _had_gradients(params: Sequence[nn.Parameter]) -> Tensor:
+    """1.0 for each parameter that got a gradient, 0.0 for one that got none (call before `_zero_filled`)."""
+    return torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+
+
+def _drop_unused(params: Sequence[nn.Parameter], had: Tensor) -> None:
+    """Give back ``None`` gradients where neither copy got one (``had`` summed over both): one device would
+    have none either, and the optimizer must not move such a parameter (momentum, weight decay)."""
+    for p, used in zip(params, had.tolist(), strict=True):
+        if not used:
+            p.grad = None
 
 
 @dataclass
@@ -144,12 +159,15 @@ class Averager:
         With ``drain`` (a normal end), exchanges and acknowledgements still in flight are waited for first: a
         gloo send or receive whose buffers are freed while it is pending can leave the connection to the peer
         unusable, and the next collective on it (a new pipeline's set-up, Lightning's barriers) then hangs.
-        After a failure (``drain=False``) nothing is waited for: the peer may be gone.
+        After a failure (``drain=False``) nothing is waited for (the peer may be gone), and what is in flight is
+        kept alive for the life of the process instead of freed.
         """
         if drain:
             self.wait()
             for works, peer in self._acks.values():
                 self.comm.wait(works, peer)
+        else:
+            _ABANDONED.append((self._acks.copy(), self._pending.copy(), self._tiny, self._flats))
         self._acks.clear()
         self._pending.clear()
         for handle in self._hooks:
@@ -176,10 +194,14 @@ class Averager:
             self._start_bucket(key, index)
 
     def _start_bucket(self, key: tuple[int, int], index: int) -> None:
+        """Send one bucket: its gradients (zeros where none) and which parameters got one, summed alike."""
         bucket = self._buckets[key][index]
         bucket.started = True
+        missing = any(p.grad is None for p in bucket.params)
+        had = _had_gradients(bucket.params)
         grads = _zero_filled(bucket.params)
-        self._exchange(key[1], grads, _add, self._armed[key], channel=index + 1)
+        after = functools.partial(_drop_unused, bucket.params, had) if missing else None
+        self._exchange(key[1], [*grads, had], _add, self._armed[key], channel=index + 1, after=after)
 
     def start_gradients(self, replica: int, stage: int, peer: int) -> None:
         """Sum this copy's gradients with its mirror's (the buckets not sent yet go now)."""
@@ -211,14 +233,26 @@ class Averager:
             finish()
         self._pending.clear()
 
-    def _exchange(self, stage: int, tensors: list[Tensor], combine: Combine, peer: int, channel: int) -> None:
-        """Swap ``tensors`` with ``peer``, then set each to ``combine(own, other)``; finished by `wait`."""
+    def _exchange(
+        self,
+        stage: int,
+        tensors: list[Tensor],
+        combine: Combine,
+        peer: int,
+        channel: int,
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """Swap ``tensors`` with ``peer``, then set each to ``combine(own, other)`` and call ``after``; finished
+        by `wait`."""
         if not tensors:
             return
         if peer in self.shared_peers:
             self._exchange_shared(stage, tensors, combine, peer, channel)
         else:
             self._exchange_messages(stage, tensors, combine, peer, channel)
+        if after is not None:
+            works, peer, finish = self._pending[-1]
+            self._pending[-1] = (works, peer, _then(finish, after))
 
     def _exchange_messages(self, stage: int, tensors: list[Tensor], combine: Combine, peer: int, channel: int) -> None:
         """Through the process group, one message per dtype.
@@ -287,11 +321,24 @@ class Averager:
 
     @staticmethod
     def _sum_local(a: StageCopy, b: StageCopy) -> None:
-        for ga, gb in zip(_zero_filled(a.parameters()), _zero_filled(b.parameters()), strict=True):
+        pa, pb = a.parameters(), b.parameters()
+        unused = [x.grad is None and y.grad is None for x, y in zip(pa, pb, strict=True)]
+        for ga, gb in zip(_zero_filled(pa), _zero_filled(pb), strict=True):
             total = ga + gb
             ga.copy_(total)
             gb.copy_(total)
+        for x, y, none in zip(pa, pb, unused, strict=True):
+            if none:  # neither copy got a gradient: as on one device, the optimizer must leave it alone
+                x.grad = y.grad = None
         _average_local(a.float_buffers(), b.float_buffers())
+
+
+def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both
 
 
 # own + other is computed on both sides: IEEE addition is commutative, so the two copies stay bitwise equal.

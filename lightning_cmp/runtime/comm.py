@@ -83,6 +83,9 @@ def _out_of_memory(err: RuntimeError) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
+_ABANDONED: list[Any] = []  # see `Comm.abandon_sends`
+
+
 def message_tag(kind: int, replica: int, stage: int, microbatch: int) -> int:
     """A tag unique per (message kind, replica, stage, microbatch) within one step (gloo matches on it)."""
     return ((kind * 2 + replica) * 1024 + stage) * 1024 + microbatch
@@ -239,6 +242,12 @@ class Comm:
         with self._with():
             dist.broadcast_object_list(box, self.ranks[src], group=self.group)
         return box[0]
+
+    def abandon_sends(self) -> None:
+        """Stop tracking the sends in flight without waiting (after a failure) but never free them while pending:
+        a gloo send freed mid-flight can break the connection for the collectives that follow."""
+        _ABANDONED.append((self._pending, self._keep_alive))
+        self._pending, self._keep_alive = [], []
 
     def wait_sends(self) -> None:
         """Block until every send started since the last call has completed."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_cmp.errors import CMPConfigError
+from lightning_cmp.errors import CMPConfigError, CopiesDriftedError
 from lightning_cmp.partition import Chain
 from lightning_cmp.partition.materialize import materialize, release
 from lightning_cmp.runtime.averaging import Averager
@@ -90,6 +90,8 @@ class Pipeline:
         """
         if drain:
             self.comm.wait_sends()
+        else:
+            self.comm.abandon_sends()
         self.executor.averager.close(drain)
 
     @property
@@ -300,6 +302,50 @@ class Pipeline:
                 continue  # the local pair is handled once
             self.executor.averager.start_parameters(replica, stage, other_rank)
         self.executor.averager.wait()
+
+    def check_copies(self, when: str = "now") -> None:
+        """Raise `CopiesDriftedError` unless both copies of every stage are identical (a collective).
+
+        Cheap: one float64 sum per parameter and buffer, exchanged once. With gradient averaging the copies
+        are bitwise equal after every step, so any difference means something changed one copy only (code
+        that updates parameters in place outside the optimizer, on one worker). ``when`` goes in the message.
+        """
+        if self.num_replicas == 1:
+            return
+        bounds = self.stage_bounds()
+        names = []
+        for s in range(self.placement.num_stages):
+            params, buffers = self.chain.stage_state_names(bounds[s], bounds[s + 1])
+            names.append([*params, *buffers])
+        mine: dict[tuple[int, int], list[float]] = {}
+        for (replica, stage), stage_copy in self.copies.items():
+            sums = []
+            for name in names[stage]:
+                tensor = find_tensor(stage_copy.module, name)
+                assert tensor is not None, name
+                sums.append(tensor.detach().sum(dtype=torch.float64))
+            mine[(replica, stage)] = torch.stack(sums).tolist() if sums else []
+        every: dict[tuple[int, int], list[float]] = {}
+        for theirs in self.comm.all_gather_object(mine):
+            every.update(theirs)
+        for stage in range(self.placement.num_stages):
+            a, b = every.get((0, stage)), every.get((1, stage))
+            if a is None or b is None:
+                continue
+            # NaN equals NaN here: a run that diverged on one device diverges alike on both copies.
+            index = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y and (x == x or y == y)), None)
+            if index is None:
+                continue
+            name = names[stage][index]
+            ranks = sorted({self.placement.rank(0, stage), self.placement.rank(1, stage)})
+            where = f"both on rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} and {ranks[1]}"
+            raise CopiesDriftedError(
+                f"{when}: the two copies of stage {stage} ({where}) differ, first in {name!r} (sum {a[index]!r} vs "
+                f"{b[index]!r}); "
+                "they must stay identical. Something changed one copy only: code that updates parameters or "
+                "buffers in place outside the optimizer (in training_step or a callback) runs on each worker's own "
+                "copy. Make such updates through the optimizer, or in the model's forward"
+            )
 
     def clip_grad_norm_(self, max_norm: float, extra: list[Tensor] | None = None) -> Tensor:
         """Clip each replica's gradients by its global 2-norm over all stages (a collective)."""

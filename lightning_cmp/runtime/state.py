@@ -46,9 +46,10 @@ def fill(
     """Give this rank's tensors ``needed`` (names in ``root``) their values; a collective over ``comm``.
 
     Each value comes from ``state`` when given (a checkpoint being restored: every rank reads its own
-    names only), else from this rank when it holds the tensor already, else from the lowest rank that does
-    (after ``fit`` rank 0 holds the whole model), else from a seeded ``reset_parameters()`` (a model built on
-    the meta device). Only the ranks that need a tensor receive it, one tensor at a time.
+    names only), else from the lowest rank that holds the tensor (a model built in ``__init__``: rank 0, so
+    every copy starts from the same values even when each process initialised the model with its own random
+    numbers; after ``fit`` rank 0 holds the whole model), else from a seeded ``reset_parameters()`` (a model
+    built on the meta device). Only the ranks that need a tensor receive it, one tensor at a time.
     """
     needed = sorted(set(needed))
     if state is not None:
@@ -56,12 +57,13 @@ def fill(
             _assign(root, name, state[name], comm.device)
         return
     held = {name for name, t in _named_state(root) if not t.is_meta and t.numel() > 0}
-    plans = comm.all_gather_object((sorted(held), [n for n in needed if n not in held]))
+    plans = comm.all_gather_object((sorted(held), needed))
     holders: dict[str, int] = {}
     for rank, (has, _) in enumerate(plans):
         for name in has:
             holders.setdefault(name, rank)
-    for rank, (_, wants) in enumerate(plans):
+    for rank, (_, wanted) in enumerate(plans):
+        wants = [n for n in wanted if holders.get(n) != rank]  # the lowest holder keeps its own value
         from_peers = [n for n in wants if n in holders]
         if rank == comm.me:
             materialize(root, comm.device, seed, [n for n in wants if n not in holders])
@@ -95,8 +97,10 @@ def gather_tree(
     skeletons = comm.all_gather_object(skeleton)
     if comm.me != dst:
         for t in tensors:
-            comm.send(t, dst, _TAG)
-            comm.wait_sends()  # one at a time: a device-to-host copy lives only while it is sent
+            # From where it lives; a tensor on another device (a CPU scalar such as Adam's step, under NCCL)
+            # travels as a copy on the group's device, which lives only while it is sent.
+            comm.send(t.to(comm.device), dst, _TAG)
+            comm.wait_sends()
         return None
     trees: list[Any] = []
     for rank, shape in enumerate(skeletons):
@@ -113,7 +117,7 @@ def gather_tree(
 
 def _strip(value: Any, tensors: list[Tensor]) -> Any:
     if isinstance(value, Tensor):
-        tensors.append(value.detach().cpu())
+        tensors.append(value.detach())
         return _Slot(len(tensors) - 1)
     if isinstance(value, dict):
         return {k: _strip(v, tensors) for k, v in value.items()}
