@@ -3,13 +3,11 @@ equivalence, never worse than balanced cuts, cost on 500-block chains, and the e
 
 from __future__ import annotations
 
-import ast
 import itertools
 import math
 import random
 from bisect import bisect_right
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 
@@ -24,14 +22,6 @@ from lightning_cmp.partition import (
     stage_costs,
 )
 from lightning_cmp.partition import bipartition as bipartition_module
-
-
-def test_bipartition_imports_no_torch() -> None:
-    tree = ast.parse(Path(bipartition_module.__file__).read_text())
-    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [m for m in imported if m.split(".")[0] in ("torch", "lightning", "pytorch_lightning")]
-
 
 # ---- a reference model, written per block, independent of the module's prefix sums
 
