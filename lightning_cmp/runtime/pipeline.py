@@ -306,9 +306,10 @@ class Pipeline:
     def check_copies(self, when: str = "now") -> None:
         """Raise `CopiesDriftedError` unless both copies of every stage are identical (a collective).
 
-        Cheap: one float64 sum per parameter and buffer, exchanged once. With gradient averaging the copies
-        are bitwise equal after every step, so any difference means something changed one copy only (code
-        that updates parameters in place outside the optimizer, on one worker). ``when`` goes in the message.
+        Cheap: one float64 sum per parameter and floating-point buffer (what the averaging keeps in step; an
+        integer buffer may count per replica), exchanged once. With gradient averaging the copies are bitwise
+        equal after every step, so any difference means something changed one copy only (code that updates
+        parameters in place outside the optimizer, on one worker). ``when`` goes in the message.
         """
         if self.num_replicas == 1:
             return
@@ -316,7 +317,8 @@ class Pipeline:
         names = []
         for s in range(self.placement.num_stages):
             params, buffers = self.chain.stage_state_names(bounds[s], bounds[s + 1])
-            names.append([*params, *buffers])
+            floats = [b for b in buffers if _is_float(find_tensor(self.chain.root, b))]
+            names.append([*params, *floats])
         mine: dict[tuple[int, int], list[float]] = {}
         for (replica, stage), stage_copy in self.copies.items():
             sums = []
@@ -402,6 +404,10 @@ class _FreshGradients:
         for p, old in zip(self.params, self.saved, strict=True):
             if old is not None:
                 p.grad = old if p.grad is None else old.add_(p.grad)
+
+
+def _is_float(tensor: Tensor | None) -> bool:
+    return tensor is not None and tensor.is_floating_point()
 
 
 def _fingerprint(x: Tensor) -> Tensor:
