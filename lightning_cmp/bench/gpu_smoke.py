@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_cmp.bench.launch import run_workers
+from lightning_cmp.bench.models import train_steps
 
 __all__ = ["CHECKS", "SCENARIOS", "main", "run_checks"]
 
@@ -101,17 +102,6 @@ def _batches(device: torch.device, steps: int = STEPS) -> list[tuple[Tensor, Ten
     return [(x.to(device), y.to(device)) for x, y in data]
 
 
-def _sgd_steps(forward: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, data: list[Any]) -> list[float]:
-    losses = []
-    for x, y in data:
-        loss = F.cross_entropy(forward(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach().item()))
-    return losses
-
-
 def _optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=0.9)
 
@@ -119,7 +109,7 @@ def _optimizer(params: Any) -> torch.optim.Optimizer:
 def _reference(device: torch.device) -> tuple[dict[str, Tensor], list[float]]:
     """Single-process SGD with momentum on the same batches and device: what every pipeline must reproduce."""
     model = _mlp(device)
-    losses = _sgd_steps(model, _optimizer(model.parameters()), _batches(device))
+    losses = train_steps(model, _optimizer(model.parameters()), _batches(device))
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, losses
 
 
@@ -497,7 +487,7 @@ def _pipeline(comm: Any, device: torch.device, schedule: str, microbatches: int,
     opt = _optimizer(model.parameters())
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
     note(f"{STEPS} SGD steps")
-    losses = _sgd_steps(pipe, opt, _batches(device))
+    losses = train_steps(pipe, opt, _batches(device))
     note("full_state_dict(dst=None)")
     state = pipe.full_state_dict(dst=None)
     pipe.close()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "build", "make_batches"]
+__all__ = ["MODELS", "build", "make_batches", "train_steps"]
 
 # VGG-16's 13 convolutions (configuration "D"); "M" is a 2x2 max-pool. Widths are halved to fit CPUs.
 _VGG16 = (32, 32, "M", 64, 64, "M", 128, 128, 128, "M", 256, 256, 256, "M", 256, 256, 256, "M")
@@ -74,3 +75,22 @@ def make_batches(count: int, batch_size: int, size: int) -> list[tuple[Tensor, T
         (torch.randn(batch_size, 3, size, size, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
         for _ in range(count)
     ]
+
+
+def train_steps(
+    forward: Callable[[Tensor], Tensor],
+    optimizer: torch.optim.Optimizer,
+    data: list[tuple[Tensor, Tensor]],
+    after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Cross-entropy SGD steps over ``data``; returns the losses. ``forward`` is a model or a pipeline."""
+    losses = []
+    for x, y in data:
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+    return losses

@@ -24,7 +24,6 @@ _AVERAGE_MSG = 2  # message kinds for tags (0 activations, 1 gradients)
 _READY_MSG = 3  # shared memory: "my region holds this exchange's tensors"
 _ACK_MSG = 4  # shared memory: "I have read your region; you may write it again"
 _BUCKET_BYTES = 16 << 20
-_ABANDONED: list[Any] = []  # messages in flight when a failed run closed its pipeline: never freed while pending
 _MAX_BUCKETS = 100  # channel * 8 + dtype index must stay below the 1024 tags of a stage
 
 
@@ -65,11 +64,6 @@ def _zero_filled(params: Sequence[nn.Parameter]) -> list[Tensor]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return [p.grad for p in params if p.grad is not None]
-
-
-def _had_gradients(params: Sequence[nn.Parameter]) -> Tensor:
-    """1.0 for each parameter that got a gradient, 0.0 for one that got none (call before `_zero_filled`)."""
-    return torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
 
 
 def _drop_unused(params: Sequence[nn.Parameter], had: Tensor) -> None:
@@ -167,7 +161,7 @@ class Averager:
             for works, peer in self._acks.values():
                 self.comm.wait(works, peer)
         else:
-            _ABANDONED.append((self._acks.copy(), self._pending.copy(), self._tiny, self._flats))
+            self.comm.abandon(self._acks.copy(), self._pending.copy(), self._tiny, self._flats)
         self._acks.clear()
         self._pending.clear()
         for handle in self._hooks:
@@ -197,10 +191,10 @@ class Averager:
         """Send one bucket: its gradients (zeros where none) and which parameters got one, summed alike."""
         bucket = self._buckets[key][index]
         bucket.started = True
-        missing = any(p.grad is None for p in bucket.params)
-        had = _had_gradients(bucket.params)
+        flags = [float(p.grad is not None) for p in bucket.params]
+        had = torch.tensor(flags, device=bucket.params[0].device)
         grads = _zero_filled(bucket.params)
-        after = functools.partial(_drop_unused, bucket.params, had) if missing else None
+        after = functools.partial(_drop_unused, bucket.params, had) if not all(flags) else None
         self._exchange(key[1], [*grads, had], _add, self._armed[key], channel=index + 1, after=after)
 
     def start_gradients(self, replica: int, stage: int, peer: int) -> None:

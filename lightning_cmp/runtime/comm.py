@@ -83,7 +83,7 @@ def _out_of_memory(err: RuntimeError) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
-_ABANDONED: list[Any] = []  # see `Comm.abandon_sends`
+_ABANDONED: list[Any] = []  # see `Comm.abandon`
 
 
 def message_tag(kind: int, replica: int, stage: int, microbatch: int) -> int:
@@ -243,10 +243,15 @@ class Comm:
             dist.broadcast_object_list(box, self.ranks[src], group=self.group)
         return box[0]
 
+    @staticmethod
+    def abandon(*in_flight: Any) -> None:
+        """Keep messages given up after a failure (their works and buffers) alive for the life of the process:
+        a gloo send or receive freed mid-flight can break the connection for the collectives that follow."""
+        _ABANDONED.append(in_flight)
+
     def abandon_sends(self) -> None:
-        """Stop tracking the sends in flight without waiting (after a failure) but never free them while pending:
-        a gloo send freed mid-flight can break the connection for the collectives that follow."""
-        _ABANDONED.append((self._pending, self._keep_alive))
+        """Stop tracking the sends in flight without waiting for them (after a failure); see `abandon`."""
+        self.abandon(self._pending, self._keep_alive)
         self._pending, self._keep_alive = [], []
 
     def wait_sends(self) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+from lightning_cmp.bench.models import train_steps
 
 __all__ = ["MODELS", "batches", "build", "train_reference", "train_steps"]
 
@@ -61,25 +60,6 @@ def batches(steps: int, batch_size: int = 8, size: int = 16) -> list[tuple[Tenso
         (torch.randn(batch_size, 3, size, size, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
         for _ in range(steps)
     ]
-
-
-def train_steps(
-    forward: Callable[[Tensor], Tensor],
-    optimizer: torch.optim.Optimizer,
-    data: list[tuple[Tensor, Tensor]],
-    after_step: Callable[[], None] | None = None,
-) -> list[float]:
-    """Cross-entropy SGD steps over ``data``; returns the losses. ``forward`` is a model or a pipeline."""
-    losses = []
-    for x, y in data:
-        loss = F.cross_entropy(forward(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step()
-        losses.append(loss.item())
-    return losses
 
 
 def train_reference(name: str, steps: int, lr: float = 0.05) -> tuple[dict[str, Tensor], list[float]]:
