@@ -4,10 +4,24 @@ Importing the package registers the strategies ``"cmp"``, ``"mp"`` and ``"gpipe"
 ``lightning`` and the ``pytorch_lightning`` packages, when installed).
 """
 
-from lightning_cmp.errors import CMPConfigError, CopiesDriftedError, PartitionError, ScheduleError
+from lightning_cmp.errors import (
+    CMPConfigError,
+    CopiesDriftedError,
+    MicrobatchLossMismatch,
+    PartitionError,
+    ScheduleError,
+)
 from lightning_cmp.strategy import CMPStrategy
 
-__all__ = ["CMPConfigError", "CMPStrategy", "CopiesDriftedError", "PartitionError", "ScheduleError", "register"]
+__all__ = [
+    "CMPConfigError",
+    "CMPStrategy",
+    "CopiesDriftedError",
+    "MicrobatchLossMismatch",
+    "PartitionError",
+    "ScheduleError",
+    "register",
+]
 __version__ = "0.1.0.dev0"  # keep equal to pyproject.toml
 
 

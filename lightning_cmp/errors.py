@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["CMPConfigError", "CopiesDriftedError", "PartitionError", "ScheduleError", "unknown_name"]
+__all__ = [
+    "CMPConfigError",
+    "CopiesDriftedError",
+    "MicrobatchLossMismatch",
+    "PartitionError",
+    "ScheduleError",
+    "unknown_name",
+]
 
 
 class CMPConfigError(ValueError):
@@ -17,6 +24,11 @@ class PartitionError(ValueError):
 
 class CopiesDriftedError(RuntimeError):
     """The two copies of a stage, meant to stay bitwise identical, no longer are (something changed one only)."""
+
+
+class MicrobatchLossMismatch(CMPConfigError):
+    """With microbatches, the step's loss is not made of per-sample terms, so its microbatches' gradients (computed
+    from each microbatch's loss alone) are not the whole batch's gradient; raised on every rank alike."""
 
 
 class ScheduleError(RuntimeError):

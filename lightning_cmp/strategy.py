@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.errors import CMPConfigError, unknown_name
+from lightning_cmp.microbatch import MicrobatchLoss
 from lightning_cmp.partition import PARTITION_POLICIES, Chain, profile_blocks, resolve_cuts, trace_chain
 from lightning_cmp.partition.materialize import materialize
 from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
@@ -118,6 +119,10 @@ class CMPStrategy(ParallelStrategy):
         average_every: steps between parameter averages (``averaging="parameter"`` only).
         module: dotted name of the submodule to split; ``None`` splits the LightningModule's ``forward``.
         num_microbatches: microbatches per replica and step (``None``: the schedule's default, 1 for cmp/mp).
+            With ``cmp`` and more than one, both directions interleave 1F1B-style and each microbatch's loss is
+            computed as soon as its output exists: the last stage's worker runs ``training_step`` once more per
+            microbatch on its rows, quietly (no logging, metric states restored); the loss must be made of
+            per-sample terms (checked every step). See the "Microbatches" section of the design page.
         trace: path of a Chrome/Perfetto trace (JSON) of every rank's actions, written by rank 0 at the end
             of a successful run (``None``: no trace). Open it in https://ui.perfetto.dev.
         timeout: how long a worker waits for a peer that stopped answering before it fails with an error
@@ -200,6 +205,8 @@ class CMPStrategy(ParallelStrategy):
         self._metric_sync: dict[nn.Module, bool] = {}
         self._undo_scaler: Callable[[], None] | None = None
         self._inject_sampler: bool | None = None
+        self._step_call: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # training_step's arguments, in it
+        self._microbatch_loss: MicrobatchLoss | None = None  # this step's, with a loss per microbatch
         self.keep_split = keep_split
         # A checkpoint restored before the pipeline exists: applied to each rank's own stages when it is built.
         self._pending_state: Mapping[str, Tensor] | None = None
@@ -417,13 +424,20 @@ class CMPStrategy(ParallelStrategy):
                 "arguments; lightning_cmp pipelines take one tensor: pass module='<submodule>' naming a "
                 "submodule called as module(x)"
             )
+        if self._microbatch_loss is not None and self._microbatch_loss.active:
+            return self._microbatch_loss.forward(x)  # training_step run for one microbatch's loss
         if self._pipeline is None:
             with torch.inference_mode(False), torch.no_grad():
                 self._pipeline = self._build_pipeline(x)
             if self.trace is not None:
                 self._pipeline.executor.timings = []
         module = self.lightning_module  # the global step keys dropout masks: a resumed run draws the same ones
-        return self._pipeline(x, step=module.trainer.global_step if module is not None else None)
+        step = module.trainer.global_step if module is not None else None
+        if self._pipeline.loss_per_microbatch and torch.is_grad_enabled() and self._step_call is not None:
+            assert module is not None
+            self._microbatch_loss = MicrobatchLoss(module, *self._step_call, inputs=x)
+            return self._pipeline(x, step=step, loss_fn=self._microbatch_loss)
+        return self._pipeline(x, step=step)
 
     def _build_pipeline(self, x: Tensor) -> Pipeline:
         assert self._chain is not None and self.lightning_module is not None
@@ -442,6 +456,9 @@ class CMPStrategy(ParallelStrategy):
         pipeline = Pipeline(
             self._chain, cuts, self.schedule, comm, self.averaging, self.num_microbatches, seed=seed, state=split_state
         )
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if isinstance(scaler, torch.amp.GradScaler):  # the microbatch losses are scaled like Lightning's loss
+            pipeline.loss_scale = scaler.scale
         self._materialize_rest(seed)
         names = {id(p): n for n, p in self._chain.root.named_parameters()}
         self._layouts = [OptimizerLayout(_unwrap(opt), names) for opt in self.optimizers]
@@ -487,12 +504,17 @@ class CMPStrategy(ParallelStrategy):
     # -- steps ------------------------------------------------------------------------------------------
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._explain_reads("training_step"):
-            output = super().training_step(*args, **kwargs)
-            loss = output.get("loss") if isinstance(output, Mapping) else output
-            if isinstance(loss, Tensor) and loss.is_meta:  # a 0-dim real tensor plus a meta one is meta
-                raise RuntimeError("the loss it returned is a meta tensor")
-            return output
+        self._step_call, self._microbatch_loss = (args, kwargs), None
+        try:
+            with self._explain_reads("training_step"):
+                output = super().training_step(*args, **kwargs)
+                loss = output.get("loss") if isinstance(output, Mapping) else output
+                if isinstance(loss, Tensor) and loss.is_meta:  # a 0-dim real tensor plus a meta one is meta
+                    raise RuntimeError("the loss it returned is a meta tensor")
+        finally:
+            self._step_call = None
+        self._microbatch_loss = None
+        return output
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -629,6 +651,7 @@ class CMPStrategy(ParallelStrategy):
         comm, remote = self._pipeline.comm, self._remote
         try:
             if self.global_rank == 0:
+
                 def write(f: Any, name: str) -> None:
                     write_streamed(checkpoint, f, name, lambda t: remote[id(t)][1] if id(t) in remote else None, comm)
 

@@ -83,10 +83,15 @@ def train_steps(
     data: list[tuple[Tensor, Tensor]],
     after_step: Callable[[], None] | None = None,
 ) -> list[float]:
-    """Cross-entropy SGD steps over ``data``; returns the losses. ``forward`` is a model or a pipeline."""
+    """Cross-entropy SGD steps over ``data``; returns the losses. ``forward`` is a model or a pipeline (given the
+    loss per microbatch when it asks for it)."""
     losses = []
     for x, y in data:
-        loss = F.cross_entropy(forward(x), y)
+        if getattr(forward, "loss_per_microbatch", False):
+            out = forward(x, loss_fn=lambda rows, output, y=y: F.cross_entropy(output, y[rows]))  # type: ignore[call-arg]
+        else:
+            out = forward(x)
+        loss = F.cross_entropy(out, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -29,6 +29,7 @@ class Step:
     ``inputs``, ``outputs`` and ``output_grads`` are keyed by (replica, microbatch); tensors in flight by
     (message, replica, stage, microbatch) of the stage that produced them. With ``seed_key`` every stage forward
     draws its random numbers from its own seed (`stage_seed`); without it, from the global stream.
+    ``output_grad(key, output)`` gives a LOSS action the output gradient of (replica, microbatch) ``key``.
     """
 
     training: bool
@@ -39,6 +40,7 @@ class Step:
     outputs: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     output_grads: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     seed_key: SeedKey | None = None
+    output_grad: Callable[[tuple[int, int], Tensor], Tensor] | None = None
 
     def seed(self, replica: int, stage: int, microbatch: int) -> int | None:
         return None if self.seed_key is None else stage_seed(self.seed_key, replica, stage, microbatch)
@@ -68,6 +70,7 @@ class Executor:
             Kind.RECV_ACT: self._recv,
             Kind.SEND_GRAD: self._send,
             Kind.RECV_GRAD: self._recv,
+            Kind.LOSS: self._loss,
             Kind.OUTPUT: self._output,
             Kind.AVERAGE: self._average,
             Kind.WAIT_AVERAGE: self._wait_average,
@@ -119,6 +122,14 @@ class Executor:
         key = (_ACT_MSG if a.kind is Kind.RECV_ACT else _GRAD_MSG, a.replica, a.stage, a.microbatch)
         assert a.peer is not None
         step.arrived[key] = self.comm.recv(a.peer, message_tag(*key))
+
+    def _loss(self, a: Action, step: Step) -> None:
+        if step.output_grad is None:
+            raise ScheduleError(f"{a} needs the loss of each microbatch, but this step was given no loss function")
+        key = (_ACT_MSG, a.replica, a.stage, a.microbatch)
+        out = step.produced[key]
+        step.output_grads[(a.replica, a.microbatch)] = step.output_grad((a.replica, a.microbatch), out.detach())
+        step.produced[key] = out.detach()  # OUTPUT sends it later; the graph stays with the stage's backward
 
     def _output(self, a: Action, step: Step) -> None:
         src = self.placement.rank(a.replica, self.last_stage)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_cmp.errors import CMPConfigError, CopiesDriftedError
+from lightning_cmp.errors import CMPConfigError, CopiesDriftedError, MicrobatchLossMismatch
 from lightning_cmp.partition import Chain
 from lightning_cmp.partition.materialize import materialize, release
 from lightning_cmp.runtime.averaging import Averager
@@ -21,9 +22,12 @@ from lightning_cmp.runtime.stage import StageCopy
 from lightning_cmp.runtime.state import fill, find_tensor, gather_tree
 from lightning_cmp.schedule import Placement, get_schedule, lower, lower_forward_only, split_phases
 
-__all__ = ["Pipeline"]
+__all__ = ["LossFn", "Pipeline"]
 
 AVERAGING = ("gradient", "parameter")
+
+#: ``loss_fn(rows, output)``: the caller's (mean-reduced) loss of the batch rows ``rows`` given their ``output``.
+LossFn = Callable[[slice, Tensor], Tensor]
 
 
 class Pipeline:
@@ -32,6 +36,15 @@ class Pipeline:
     Calling the pipeline runs the forward phase on every rank and returns the whole batch's output on
     every rank, so the caller's loss, metrics and logging are computed exactly as on one device. Its
     backward (``loss.backward()``) runs the backward phase, including the averaging of stage copies.
+
+    A schedule that interleaves forwards and backwards (``cmp`` with microbatches) needs each microbatch's
+    loss before the whole output exists: the caller passes ``loss_fn(rows, output)`` (its loss on the batch
+    rows ``rows``), the call runs the whole step (every forward, loss and backward, and the averaging) with
+    each microbatch's loss weighted by its share of the batch, and returns the whole output; its gradients
+    wait aside until ``loss.backward()`` on the caller's loss of that output. That backward checks the
+    caller's output gradient against the microbatches' (one scale for all of them: Lightning's gradient
+    accumulation and loss scaling) and puts the gradients in place, scaled alike; a loss that mixes samples
+    is refused there (`MicrobatchLossMismatch`, on every rank).
 
     A rank holds only its stages: at construction it gives them their values (from ``state``, a checkpoint
     being restored; else from a rank that holds them; else a seeded ``reset_parameters()`` when the model was
@@ -68,7 +81,11 @@ class Pipeline:
         self.placement = Placement(len(cuts) + 1, spec.num_replicas)
         timetable = spec.build(self.placement.num_stages, num_microbatches, self.placement)
         self._averages_gradients = averaging == "gradient" and spec.num_replicas == 2
-        program = lower(timetable, self.placement, num_microbatches, self._averages_gradients)[comm.me]
+        self.loss_per_microbatch = spec.loss_per_microbatch(num_microbatches)
+        #: applied to each microbatch's weighted loss before its backward (e.g. a GradScaler's ``scale``)
+        self.loss_scale: Callable[[Tensor], Tensor] | None = None
+        lowered = lower(timetable, self.placement, num_microbatches, self._averages_gradients, self.loss_per_microbatch)
+        program = lowered[comm.me]
         self.forward_actions, self.backward_actions = split_phases(program)
         self.eval_actions = lower_forward_only(timetable, self.placement, num_microbatches)[comm.me]
         self.seed = seed
@@ -101,8 +118,10 @@ class Pipeline:
     def stage_bounds(self) -> list[int]:
         return [0, *self.cuts, self.chain.num_blocks]
 
-    def __call__(self, x: Tensor, step: int | None = None) -> Tensor:
+    def __call__(self, x: Tensor, step: int | None = None, loss_fn: LossFn | None = None) -> Tensor:
         """The whole batch's output; ``step`` (e.g. the trainer's global step) keys the random numbers.
+
+        ``loss_fn`` is required in training when ``loss_per_microbatch`` (see the class docstring).
 
         Each stage forward draws from a seed made of (``seed``, ``step``, replica, stage, microbatch), so the two
         replicas' halves and the microbatches get independent dropout masks, and a run restarted from a
@@ -123,8 +142,14 @@ class Pipeline:
             state = self._new_step(x, training=False, step_index=step)
             self.executor.run(self.eval_actions, state)
             return self._assemble(state)
+        if self.loss_per_microbatch and loss_fn is None:
+            raise CMPConfigError(
+                f"{self.num_microbatches} microbatches of a schedule that interleaves forwards and backwards: "
+                "the pipeline computes each microbatch's loss itself; call it as pipeline(x, loss_fn=fn) with "
+                "fn(rows, output) -> the mean loss of the batch rows `rows`"
+            )
         anchor = torch.empty(0, requires_grad=True)
-        out: Tensor = _PipelineFunction.apply(self, anchor, x, step)
+        out: Tensor = _PipelineFunction.apply(self, anchor, x, step, loss_fn)
         return out
 
     def _check_same_input(self, x: Tensor) -> None:
@@ -147,12 +172,26 @@ class Pipeline:
                 inputs[(replica, mb)] = part
         return Step(training=training, inputs=inputs, seed_key=self.seeds.key(step_index, training))
 
+    @staticmethod
+    def _rows(step: Step) -> dict[tuple[int, int], slice]:
+        """The batch rows of each (replica, microbatch), in the order the batch was split."""
+        rows, offset = {}, 0
+        for key in sorted(step.inputs):
+            size = int(step.inputs[key].shape[0])
+            rows[key] = slice(offset, offset + size)
+            offset += size
+        return rows
+
     def _assemble(self, step: Step) -> Tensor:
         keys = sorted(step.outputs)
         return torch.cat([step.outputs[k] for k in keys])
 
-    def run_forward(self, x: Tensor, step_index: int | None = None) -> tuple[Tensor, Step]:
+    def run_forward(
+        self, x: Tensor, step_index: int | None = None, loss_fn: LossFn | None = None
+    ) -> tuple[Tensor, Step]:
         step = self._new_step(x, training=True, step_index=step_index)
+        if loss_fn is not None:
+            step.output_grad = self._output_grad_fn(step, loss_fn)
         try:
             self.executor.run(self.forward_actions, step)
         except ValueError as err:
@@ -166,6 +205,79 @@ class Pipeline:
                 f"batch, or batches of at least {2 * self.num_replicas * self.num_microbatches} samples"
             ) from err
         return self._assemble(step), step
+
+    def _output_grad_fn(self, step: Step, loss_fn: LossFn) -> Callable[[tuple[int, int], Tensor], Tensor]:
+        """What a LOSS action calls: ``loss_fn`` on one microbatch, weighted by its share, differentiated."""
+        rows = self._rows(step)
+        total = sum(r.stop - r.start for r in rows.values())
+
+        def output_grad(key: tuple[int, int], output: Tensor) -> Tensor:
+            size = rows[key].stop - rows[key].start
+            if size == 0:  # a short last batch left this microbatch empty
+                return torch.zeros_like(output)
+            # the share of the batch this microbatch's mean loss stands for (its replica's, under parameter
+            # averaging, where each replica trains as if on its own half)
+            weight = size / (self._replica_rows(rows, key[0]) if self._averages_parameters else total)
+            leaf = output.requires_grad_()
+            with torch.enable_grad():
+                loss = loss_fn(rows[key], leaf)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise CMPConfigError(
+                        f"the loss of microbatch {key} is {type(loss).__name__}"
+                        f"{'' if not isinstance(loss, Tensor) else f' of shape {tuple(loss.shape)}'}; "
+                        "it must be a tensor holding one number (a mean over the microbatch's samples)"
+                    )
+                scaled = loss.reshape(()) * weight
+                scaled = self.loss_scale(scaled) if self.loss_scale is not None else scaled
+                (grad,) = torch.autograd.grad(scaled, leaf, allow_unused=True)
+            return grad if grad is not None else torch.zeros_like(output)
+
+        return output_grad
+
+    @property
+    def _averages_parameters(self) -> bool:
+        return self.averaging == "parameter" and self.num_replicas == 2
+
+    @staticmethod
+    def _replica_rows(rows: Mapping[tuple[int, int], slice], replica: int) -> int:
+        return sum(r.stop - r.start for k, r in rows.items() if k[0] == replica)
+
+    def output_grad_scale(self, step: Step, grad: Tensor, tolerance: float = 1e-3) -> float:
+        """The one factor ``c`` with ``grad`` (the caller's output gradient) = c x the microbatches' output
+        gradients used in ``step``; raises `MicrobatchLossMismatch` on every rank when there is none (a collective).
+
+        Backward is linear in the output gradient, so scaling the step's gradients by ``c`` gives exactly what
+        the caller's loss asks for, whatever it multiplied its loss by (Lightning divides it by
+        ``accumulate_grad_batches``; a summed loss weighs every sample alike).
+        """
+        rows = self._rows(step)
+        total = sum(r.stop - r.start for r in rows.values())
+        sums = torch.zeros(3, dtype=torch.float64)
+        for key, mine in step.output_grads.items():
+            part = grad[rows[key]].double()
+            if self._averages_parameters:  # each replica's gradients stand for its own half batch
+                part = part * (total / self._replica_rows(rows, key[0]))
+            ours = mine.double()
+            sums += torch.stack([(part * ours).sum(), (ours * ours).sum(), (part * part).sum()]).cpu()
+        theirs_ours, ours_sq, theirs_sq = self.comm.all_reduce_sum(sums.to(self.comm.device)).tolist()
+        if ours_sq == 0.0:
+            scale = 1.0
+        else:
+            scale = theirs_ours / ours_sq
+        if not math.isfinite(scale) or not math.isfinite(theirs_sq):
+            return scale  # an overflow under loss scaling: the scaler skips this step
+        residual = max(theirs_sq - scale * theirs_ours, 0.0) if ours_sq else theirs_sq
+        if residual > (tolerance**2) * theirs_sq:
+            raise MicrobatchLossMismatch(
+                f"the gradient of the step's loss with respect to the model's output differs from the one the "
+                f"{self.num_microbatches} microbatches' losses gave (relative difference "
+                f"{math.sqrt(residual / theirs_sq):.3g}). With num_microbatches > 1, `cmp` computes each "
+                "microbatch's gradient from the loss of that microbatch alone, which is exact for a loss made of "
+                "per-sample terms (F.cross_entropy, mse_loss: a mean, or a sum over microbatches of equal size) but "
+                "not for one that mixes samples (batch statistics, contrastive pairs, a penalty on the whole "
+                "output). Use a per-sample loss, or num_microbatches=1, or schedule='gpipe'"
+            )
+        return scale
 
     def run_backward(self, step: Step, grad: Tensor) -> None:
         total = grad.shape[0]
@@ -378,32 +490,63 @@ class _PipelineFunction(torch.autograd.Function):
     """Connects the pipeline to the caller's autograd graph: its backward runs the backward phase."""
 
     @staticmethod
-    def forward(ctx: Any, pipeline: Pipeline, anchor: Tensor, x: Tensor, step_index: int | None) -> Tensor:
-        out, step = pipeline.run_forward(x, step_index)
-        ctx.pipeline, ctx.step = pipeline, step
+    def forward(
+        ctx: Any, pipeline: Pipeline, anchor: Tensor, x: Tensor, step_index: int | None, loss_fn: LossFn | None
+    ) -> Tensor:
+        ctx.pipeline, ctx.fresh = pipeline, None
+        if loss_fn is None:
+            out, ctx.step = pipeline.run_forward(x, step_index)
+            return out
+        # The whole step runs now; its gradients wait aside until the caller's backward (Lightning zeroes the
+        # gradients between its training_step and its backward).
+        with _FreshGradients(pipeline.local_parameters(), keep_fresh=True) as fresh:
+            out, ctx.step = pipeline.run_forward(x, step_index, loss_fn)
+        ctx.fresh = fresh
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, None]:
-        ctx.pipeline.run_backward(ctx.step, grad)
-        ctx.step = None
-        return None, None, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, None, None]:
+        if ctx.fresh is not None:
+            tolerance = 3e-2 if grad.dtype in (torch.float16, torch.bfloat16) else 1e-3
+            ctx.fresh.add_to_gradients(ctx.pipeline.output_grad_scale(ctx.step, grad, tolerance))
+        else:
+            ctx.pipeline.run_backward(ctx.step, grad)
+        ctx.step, ctx.fresh = None, None
+        return None, None, None, None, None
 
 
 class _FreshGradients:
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.params = params
-        self.saved: list[Tensor | None] = []
+    """Gradients made inside the block, apart from the ones before it: added to them at exit, or with
+    ``keep_fresh`` set aside until `add_to_gradients` (the earlier ones are put back at exit)."""
 
-    def __enter__(self) -> None:
+    def __init__(self, params: list[nn.Parameter], keep_fresh: bool = False) -> None:
+        self.params = params
+        self.keep_fresh = keep_fresh
+        self.saved: list[Tensor | None] = []
+        self.fresh: list[Tensor | None] = []
+
+    def __enter__(self) -> _FreshGradients:
         self.saved = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
+        return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.keep_fresh:
+            self.fresh = [p.grad for p in self.params]
+            for p, old in zip(self.params, self.saved, strict=True):
+                p.grad = old
+            return
         for p, old in zip(self.params, self.saved, strict=True):
             if old is not None:
                 p.grad = old if p.grad is None else old.add_(p.grad)
+
+    def add_to_gradients(self, scale: float = 1.0) -> None:
+        for p, new in zip(self.params, self.fresh, strict=True):
+            if new is not None:
+                new = new.mul_(scale) if scale != 1.0 else new
+                p.grad = new if p.grad is None else p.grad.add_(new)
+        self.fresh = []
 
 
 def _is_float(tensor: Tensor | None) -> bool:

@@ -21,6 +21,7 @@ class Kind(enum.Enum):
     RECV_ACT = "RECV_ACT"  # receive a forward input from the rank holding the previous stage
     SEND_GRAD = "SEND_GRAD"  # send an input gradient to the rank holding the previous stage
     RECV_GRAD = "RECV_GRAD"  # receive an output gradient from the rank holding the next stage
+    LOSS = "LOSS"  # the user's loss of (replica, microbatch) on the last stage's rank: its output gradient
     OUTPUT = "OUTPUT"  # collective: the last stage's output of (replica, microbatch) reaches every rank
     AVERAGE = "AVERAGE"  # start averaging this stage copy with its mirror copy (peer may be this rank)
     WAIT_AVERAGE = "WAIT_AVERAGE"  # finish every averaging started in this step

@@ -77,32 +77,69 @@ def lower_forward_only(timetable: Timetable, placement: Placement, num_microbatc
     return program
 
 
-def lower(timetable: Timetable, placement: Placement, num_microbatches: int, average_gradients: bool) -> Program:
-    """The training program: forward phase, OUTPUT actions, backward phase and (optionally) averaging.
+def lower(
+    timetable: Timetable,
+    placement: Placement,
+    num_microbatches: int,
+    average_gradients: bool,
+    loss_per_microbatch: bool = False,
+) -> Program:
+    """The training program of one step, per rank.
+
+    With the loss barrier (default): forward phase, OUTPUT actions, backward phase, averaging. With
+    ``loss_per_microbatch`` the compute actions keep the timetable's interleaved order, a ``LOSS`` action
+    (the microbatch's output gradient, from the user's loss) comes right before each last-stage backward, and
+    the OUTPUT actions close the stream, after the averaging finished.
 
     With ``average_gradients`` and two replicas, each stage copy starts an ``AVERAGE`` with its mirror right
-    after its last backward's gradient send, and ``WAIT_AVERAGE`` ends the stream.
+    after its last backward's gradient send, and ``WAIT_AVERAGE`` waits for them all.
 
     Examples:
         >>> from lightning_cmp.schedule.cmp import cmp
         >>> program = lower(cmp(2), Placement(2, 2), 1, average_gradients=True)
         >>> [str(a) for a in program[0][-3:]]
         ['B.A0.m0', 'AVERAGE.A0.m0<->1', 'WAIT_AVERAGE']
+        >>> program = lower(cmp(2, 2), Placement(2, 2), 2, average_gradients=True, loss_per_microbatch=True)
+        >>> [str(a) for a in program[1][4:7]]
+        ['LOSS.A1.m0', 'B.A1.m0', 'SEND_GRAD.A1.m0->0']
     """
-    program = lower_forward_only(timetable, placement, num_microbatches)
     average = average_gradients and placement.num_replicas == 2
-    for rank, stream in program.items():
-        backwards = [a for a in compute_order(timetable, rank) if a.kind is Kind.BACKWARD]
+    if not loss_per_microbatch:
+        program = lower_forward_only(timetable, placement, num_microbatches)
+        for rank, stream in program.items():
+            backwards = [a for a in compute_order(timetable, rank) if a.kind is Kind.BACKWARD]
+            averages = _averages(rank, backwards, placement) if average else {}
+            for i, action in enumerate(backwards):
+                stream += _backward(action, placement)
+                stream += [averages[i]] if i in averages else []
+            stream += [Action(Kind.WAIT_AVERAGE)] if average else []
+        return program
+    last = placement.num_stages - 1
+    program = {}
+    for rank in timetable:
+        order = compute_order(timetable, rank)
+        backwards = [a for a in order if a.kind is Kind.BACKWARD]
         averages = _averages(rank, backwards, placement) if average else {}
-        for i, action in enumerate(backwards):
-            stream += _backward(action, placement)
-            stream += [averages[i]] if i in averages else []
-        stream += [Action(Kind.WAIT_AVERAGE)] if average else []
+        actions: list[Action] = []
+        done_backwards = 0
+        for action in order:
+            if action.kind is Kind.FORWARD:
+                actions += _forward(action, placement)
+                continue
+            loss = action.stage == last
+            actions += [Action(Kind.LOSS, action.replica, last, action.microbatch)] if loss else []
+            actions += _backward(action, placement)
+            actions += [averages[done_backwards]] if done_backwards in averages else []
+            done_backwards += 1
+        actions += [Action(Kind.WAIT_AVERAGE)] if average else []
+        program[rank] = actions + _outputs(placement, num_microbatches)
     return program
 
 
 def split_phases(actions: list[Action]) -> tuple[list[Action], list[Action]]:
     """Split one rank's stream after its last OUTPUT: (forward phase with outputs, backward phase).
+
+    A program with a loss per microbatch ends with its OUTPUT actions: all of it runs in the forward phase.
 
     Examples:
         >>> f, b = split_phases([Action(Kind.FORWARD), Action(Kind.OUTPUT), Action(Kind.BACKWARD)])

@@ -25,6 +25,11 @@ class ScheduleSpec:
     num_replicas: int
     description: str
     default_microbatches: int = 1
+    interleaves: bool = False  # with microbatches: 1F1B order, so the loss is computed per microbatch
+
+    def loss_per_microbatch(self, num_microbatches: int) -> bool:
+        """Whether the runtime computes the loss per microbatch (no loss barrier) at this microbatch count."""
+        return self.interleaves and num_microbatches > 1
 
     def placement(self, num_stages: int) -> Placement:
         """The placement this schedule runs on with ``num_stages`` ranks."""
@@ -37,7 +42,14 @@ SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType(
         spec.name: spec
         for spec in (
             ScheduleSpec("mp", mp, 1, "plain model parallelism: one replica, one rank busy at a time"),
-            ScheduleSpec("cmp", cmp, 2, "cross model parallelism: two replicas, the second placed in reverse"),
+            ScheduleSpec(
+                "cmp",
+                cmp,
+                2,
+                "cross model parallelism: two replicas, the second placed in reverse; with microbatches both "
+                "directions interleave 1F1B-style",
+                interleaves=True,
+            ),
             ScheduleSpec(
                 "gpipe", gpipe, 1, "GPipe: one replica, M microbatches, fill then drain", default_microbatches=4
             ),

@@ -3,8 +3,13 @@
 A compute action of a (replica, microbatch) costs ``cost / (num_replicas * num_microbatches)``: it
 handles that fraction of the global batch. With forward 1 and backward 2, mp takes 3K and cmp with even
 K takes 1.5K (a 2.0x gain). With odd K the replicas collide on the middle rank: K=3 takes 6.0, not the
-5.5 of the paper's formula (3K+2)/2, because the runtime computes the loss from *all* outputs before any
-backward (the loss barrier), so replica A cannot start its backward while B's delayed forward finishes.
+5.5 of the paper's formula (3K+2)/2, because with one microbatch the runtime computes the loss from *all*
+outputs before any backward (the loss barrier), so replica A cannot start its backward while B's delayed
+forward finishes. With microbatches ``cmp`` computes each microbatch's loss on its own (a LOSS action) and
+interleaves forwards and backwards.
+
+``SimResult.peak_activations`` is each rank's most activation memory at once, as a fraction of the global
+batch's samples held between a stage's forward and its backward (one stage's activations per sample).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class Costs:
     send: float = 0.0  # latency added to a send's arrival
     output: float = 0.0
     average: float = 0.0
+    loss: float = 0.0  # one microbatch's loss (the user's training_step on it)
 
     def compute(self, action: Action, num_stages: int) -> float:
         """Full-batch cost of a FORWARD or BACKWARD of ``action.stage``."""
@@ -64,6 +70,7 @@ class SimResult:
     busy: dict[int, float]
     idle_fraction: dict[int, float]
     spans: dict[int, list[Span]]
+    peak_activations: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +100,11 @@ def _compute(st: _State, rank: int, a: Action) -> bool:
     start = st.clock[rank]
     st.clock[rank] = start + st.costs.compute(a, st.placement.num_stages) * st.scale
     st.spans[rank].append(Span(a, start, st.clock[rank]))
+    return True
+
+
+def _loss(st: _State, rank: int, a: Action) -> bool:
+    st.clock[rank] += st.costs.loss * st.scale
     return True
 
 
@@ -141,6 +153,7 @@ _HANDLERS: dict[Kind, Callable[[_State, int, Action], bool]] = {
     Kind.SEND_GRAD: _send,
     Kind.RECV_ACT: _recv,
     Kind.RECV_GRAD: _recv,
+    Kind.LOSS: _loss,
     Kind.OUTPUT: _output,
     Kind.AVERAGE: _average,
     Kind.WAIT_AVERAGE: _wait_average,
@@ -188,4 +201,17 @@ def simulate(program: Program, placement: Placement, num_microbatches: int, cost
     makespan = max(st.clock.values(), default=0.0)
     busy = {r: sum(s.end - s.start for s in st.spans[r]) for r in ranks}
     idle = {r: 1.0 - busy[r] / makespan if makespan else 0.0 for r in ranks}
-    return SimResult(makespan, busy, idle, st.spans)
+    peaks = {r: _peak_activations(st.spans[r], scale) for r in ranks}
+    return SimResult(makespan, busy, idle, st.spans, peaks)
+
+
+def _peak_activations(spans: list[Span], share: float) -> float:
+    """Most ``share``-sized microbatches held at once: from a forward's start until its backward's end."""
+    held = peak = 0.0
+    for span in spans:  # one rank's spans, in the order it ran them
+        if span.action.kind is Kind.FORWARD:
+            held += share
+            peak = max(peak, held)
+        else:
+            held -= share
+    return peak

@@ -8,7 +8,7 @@ from lightning_cmp.errors import ScheduleError
 from lightning_cmp.schedule.action import Action, Kind
 from lightning_cmp.schedule.placement import Placement
 
-__all__ = ["Schedule", "Timetable", "build_timetable", "compute_order", "resolve_placement"]
+__all__ = ["Schedule", "Timetable", "build_interleaved", "build_timetable", "compute_order", "resolve_placement"]
 
 #: rank -> slots; ``None`` is an idle slot. Every rank's list has the same length.
 Timetable: TypeAlias = dict[int, list[Action | None]]
@@ -44,21 +44,34 @@ def _chain(replica: int, microbatch: int, num_stages: int) -> list[Action]:
     return forwards + backwards
 
 
-def _order_predecessors(action: Action, num_microbatches: int) -> list[Action]:
-    """Fill-drain order inside a replica: a stage runs forwards by microbatch, backwards in reverse."""
-    if action.kind is Kind.FORWARD and action.microbatch > 0:
-        return [Action(Kind.FORWARD, action.replica, action.stage, action.microbatch - 1)]
-    if action.kind is Kind.BACKWARD and action.microbatch < num_microbatches - 1:
-        return [Action(Kind.BACKWARD, action.replica, action.stage, action.microbatch + 1)]
-    return []
+def _order_predecessors(action: Action, num_microbatches: int, num_stages: int, depth: int | None) -> list[Action]:
+    """Order inside one stage copy. Fill-drain (``depth`` None): forwards by microbatch, backwards in reverse.
+    Interleaved (1F1B): backwards by microbatch too, and stage ``s`` holds at most ``K - s + depth``
+    microbatches' activations at once, so a forward waits for the backward that frees its place."""
+    r, s, m = action.replica, action.stage, action.microbatch
+    if action.kind is Kind.FORWARD:
+        order = [Action(Kind.FORWARD, r, s, m - 1)] if m > 0 else []
+        if depth is None:
+            return order
+        in_flight = num_stages - s + depth
+        return order + ([Action(Kind.BACKWARD, r, s, m - in_flight)] if m >= in_flight else [])
+    if depth is not None:
+        return [Action(Kind.BACKWARD, r, s, m - 1)] if m > 0 else []
+    return [Action(Kind.BACKWARD, r, s, m + 1)] if m < num_microbatches - 1 else []
+
+
+def _priority(action: Action) -> tuple[bool, int, int]:
+    """Interleaved order's choice among actions one rank can start: a backward first (it frees activations and
+    feeds the next rank), then the older microbatch, then replica A."""
+    return action.kind is not Kind.BACKWARD, action.microbatch, action.replica
 
 
 def build_timetable(placement: Placement, num_microbatches: int) -> Timetable:
-    """Greedily place every (replica, microbatch) chain on ``placement``, one action per rank per slot.
+    """Fill-drain: greedily place every (replica, microbatch) chain, one action per rank per slot.
 
-    An action runs in the first slot after its chain predecessor and its fill-drain predecessor ran, on a
-    free rank; ties go to replica A, then the lower microbatch. No backward starts before every last-stage
-    forward ran (the runtime computes the loss from all outputs at once).
+    An action runs in the first slot after its chain predecessor and its order predecessor ran, on a free
+    rank; ties go to replica A, then the lower microbatch. No backward starts before every last-stage forward
+    ran (the runtime computes the loss from all outputs at once: the *loss barrier*).
 
     Examples:
         >>> table = build_timetable(Placement(2), num_microbatches=1)
@@ -85,7 +98,7 @@ def build_timetable(placement: Placement, num_microbatches: int) -> Timetable:
                 continue
             action = chain[index]
             rank = placement.rank(action.replica, action.stage)
-            blocked = any(p not in done for p in _order_predecessors(action, m_count))
+            blocked = any(p not in done for p in _order_predecessors(action, m_count, k, None))
             if len(table[rank]) > slot or blocked or (action.kind is Kind.BACKWARD and not barrier_open):
                 continue
             table[rank].append(action)
@@ -97,6 +110,67 @@ def build_timetable(placement: Placement, num_microbatches: int) -> Timetable:
         for actions in table.values():
             actions.extend([None] * (slot - len(actions)))
     return table
+
+
+def build_interleaved(placement: Placement, num_microbatches: int, backward_cost: float = 2.0) -> Timetable:
+    """1F1B-style interleaving of every (replica, microbatch): the best of two memory depths, by list scheduling.
+
+    Each microbatch's loss is computed as soon as its last-stage forward ran (no loss barrier). Actions are
+    placed in time with a forward costing 1 and a backward ``backward_cost`` (per stage and microbatch): the
+    action that can start earliest goes next, on its rank a backward before a forward, then the older
+    microbatch, then replica A. Stage ``s`` keeps at most ``K - s`` microbatches in flight (1F1B's bound), or
+    one more where that is faster (the slower schedule is dropped; on a tie the smaller memory wins). The
+    timetable's slots are the distinct start times, so its order is what the runtime runs; the simulator gives
+    the real times. With ``backward_cost=1`` and even K the idle share is Chimera's (K-2)/(2N'+K-2), N' = 2 x
+    ``num_microbatches`` microbatches per step, whenever N' is a multiple of K.
+
+    Examples:
+        >>> table = build_interleaved(Placement(2, 2), num_microbatches=2)
+        >>> [a.short for a in table[0] if a]
+        ['FA0', 'FB1', 'BB1', 'BA0', 'FA0.1', 'FB1.1', 'BB1.1', 'BA0.1']
+    """
+    if num_microbatches < 1:
+        raise ScheduleError(f"num_microbatches={num_microbatches}; it must be at least 1")
+    candidates = [_list_schedule(placement, num_microbatches, backward_cost, depth) for depth in (0, 1)]
+    _, _, table = min(candidates, key=lambda c: (c[0], c[1]))
+    return table
+
+
+def _list_schedule(
+    placement: Placement, num_microbatches: int, backward_cost: float, depth: int
+) -> tuple[float, int, Timetable]:
+    """(makespan, depth, timetable) of one list-scheduling run; see `build_interleaved`."""
+    k = placement.num_stages
+    keys = [(r, m) for r in range(placement.num_replicas) for m in range(num_microbatches)]
+    chains = {key: _chain(*key, k) for key in keys}
+    end: dict[Action, float] = {}
+    start: dict[Action, float] = {}
+    free = dict.fromkeys(range(placement.num_ranks), 0.0)
+    while len(end) < len(keys) * 2 * k:
+        ready: list[tuple[float, int, Action]] = []
+        for key in keys:
+            chain = chains[key]
+            index = sum(a in end for a in chain)
+            if index == len(chain):
+                continue
+            action = chain[index]
+            before = _order_predecessors(action, num_microbatches, k, depth) + chain[index - 1 : index]
+            if all(p in end for p in before):
+                rank = placement.rank(action.replica, action.stage)
+                ready.append((max([free[rank]] + [end[p] for p in before]), rank, action))
+        if not ready:
+            raise ScheduleError(f"the list scheduler is stuck on {placement} with {num_microbatches} microbatches")
+        earliest = min(t for t, _, _ in ready)
+        first = [(rank, action) for t, rank, action in ready if t <= earliest]
+        rank = min(r for r, _ in first)
+        action = min((a for r, a in first if r == rank), key=_priority)
+        start[action] = earliest
+        end[action] = free[rank] = earliest + (1.0 if action.kind is Kind.FORWARD else backward_cost)
+    times = sorted(set(start.values()))
+    table: Timetable = {rank: [None] * len(times) for rank in range(placement.num_ranks)}
+    for action, t in start.items():
+        table[placement.rank(action.replica, action.stage)][times.index(t)] = action
+    return max(end.values()), depth, table
 
 
 def compute_order(timetable: Timetable, rank: int) -> list[Action]:

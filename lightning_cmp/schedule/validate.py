@@ -21,10 +21,14 @@ _PEER_KIND |= {Kind.SEND_GRAD: Kind.RECV_GRAD, Kind.RECV_GRAD: Kind.SEND_GRAD}
 class _Checker:
     """One validation run: the streams, where each action sits, and how to fail with the grid."""
 
-    def __init__(self, streams: Streams, placement: Placement, num_microbatches: int) -> None:
+    def __init__(
+        self, streams: Streams, placement: Placement, num_microbatches: int, loss_barrier: bool | None
+    ) -> None:
         self.streams, self.placement, self.num_microbatches = streams, placement, num_microbatches
         self.is_program = any(a is not None and not a.kind.is_compute for s in streams.values() for a in s)
         self.cells = [(r, i, a) for r, s in sorted(streams.items()) for i, a in enumerate(s) if a is not None]
+        has_losses = any(a.kind is Kind.LOSS for _, _, a in self.cells)
+        self.barrier = (not has_losses if self.is_program else True) if loss_barrier is None else loss_barrier
 
     def fail(self, message: str, cell: Cell | None = None) -> ScheduleError:
         grid = render_program(self.streams, cell) if self.is_program else render(self.streams, cell)
@@ -65,7 +69,8 @@ class _Checker:
     def check_timetable_order(self) -> None:
         slot = {a: i for _, i, a in self.cells}
         for rank, i, a in self.cells:
-            late = [b for b in _slot_predecessors(a, self.placement, self.num_microbatches) if slot[b] >= i]
+            before = _slot_predecessors(a, self.placement, self.num_microbatches, self.barrier)
+            late = [b for b in before if slot[b] >= i]
             if late:
                 raise self.fail(f"{self.where(a, rank, i)} runs before {late[0]} (slot {slot[late[0]]})", (rank, i))
 
@@ -76,10 +81,26 @@ class _Checker:
             for i, a in enumerate(stream):
                 if a is None:
                     continue
-                missing = [b for b in _local_predecessors(a, self.placement, outputs, rank) if b not in done]
+                before = _local_predecessors(a, self.placement, outputs if self.barrier else None, rank)
+                missing = [b for b in before if b not in done]
                 if missing:
                     raise self.fail(f"{self.where(a, rank, i)} needs {missing[0]} before it on its rank", (rank, i))
                 done.add(a)
+
+    def check_losses(self) -> None:
+        """Without the barrier, each (replica, microbatch) has one LOSS, on the rank of its last stage."""
+        last = self.placement.num_stages - 1
+        found = Counter((a.replica, a.microbatch) for _, _, a in self.cells if a.kind is Kind.LOSS)
+        for rank, i, a in self.cells:
+            if a.kind is not Kind.LOSS:
+                continue
+            if self.barrier:
+                raise self.fail(f"{self.where(a, rank, i)}: a program with the loss barrier has no LOSS", (rank, i))
+            owner = self.placement.rank(a.replica, last)
+            if a.stage != last or rank != owner:
+                raise self.fail(f"{self.where(a, rank, i)}: the loss belongs on rank {owner}, stage {last}", (rank, i))
+            if found[(a.replica, a.microbatch)] > 1:
+                raise self.fail(f"{self.where(a, rank, i)} appears {found[(a.replica, a.microbatch)]} times", (rank, i))
 
     def check_links(self) -> None:
         counts = Counter((a.kind, a.replica, a.stage, a.microbatch) for _, _, a in self.cells if a.kind in _PEER_KIND)
@@ -132,37 +153,48 @@ def _link(action: Action, placement: Placement) -> tuple[int, int] | None:
     return (placement.rank(r, s), placement.rank(r, to)) if 0 <= to < placement.num_stages else None
 
 
-def _slot_predecessors(action: Action, placement: Placement, num_microbatches: int) -> list[Action]:
-    """Compute actions that must run in an earlier slot: the chain predecessor and, for backwards, the loss."""
+def _slot_predecessors(action: Action, placement: Placement, num_microbatches: int, barrier: bool) -> list[Action]:
+    """Compute actions that must run in an earlier slot: the chain predecessor and, for backwards under the loss
+    barrier, every last-stage forward (the loss needs all outputs)."""
     r, s, m, last = action.replica, action.stage, action.microbatch, placement.num_stages - 1
     if action.kind is Kind.FORWARD:
         return [Action(Kind.FORWARD, r, s - 1, m)] if s > 0 else []
     chain = Action(Kind.BACKWARD, r, s + 1, m) if s < last else Action(Kind.FORWARD, r, last, m)
-    loss = [Action(Kind.FORWARD, o.replica, last, o.microbatch) for o in _outputs(placement, num_microbatches)]
-    return [chain, *loss]
+    outputs = _outputs(placement, num_microbatches) if barrier else []
+    return [chain, *[Action(Kind.FORWARD, o.replica, last, o.microbatch) for o in outputs]]
 
 
-def _local_predecessors(action: Action, placement: Placement, outputs: list[Action], rank: int) -> list[Action]:
-    """Actions that must come earlier on the same rank in a lowered program."""
+def _local_predecessors(action: Action, placement: Placement, outputs: list[Action] | None, rank: int) -> list[Action]:
+    """Actions that must come earlier on the same rank in a lowered program; ``outputs`` None: no loss barrier
+    (a last-stage backward needs its microbatch's LOSS instead of every OUTPUT)."""
     r, s, m, k = action.replica, action.stage, action.microbatch, action.kind
+    last = placement.num_stages - 1
     if k is Kind.FORWARD and s > 0:
         return [Action(Kind.RECV_ACT, r, s - 1, m, placement.rank(r, s - 1))]
-    if k is Kind.SEND_ACT or (k is Kind.OUTPUT and placement.rank(r, s) == rank):
+    if k in (Kind.SEND_ACT, Kind.LOSS) or (k is Kind.OUTPUT and placement.rank(r, s) == rank):
         return [Action(Kind.FORWARD, r, s, m)]
     if k is Kind.BACKWARD:
-        grad = [Action(Kind.RECV_GRAD, r, s + 1, m, placement.rank(r, s + 1))] if s < placement.num_stages - 1 else []
-        return [Action(Kind.FORWARD, r, s, m), *outputs, *grad]
+        grad = [Action(Kind.RECV_GRAD, r, s + 1, m, placement.rank(r, s + 1))] if s < last else []
+        loss = outputs if outputs is not None else [Action(Kind.LOSS, r, last, m)] if s == last else []
+        return [Action(Kind.FORWARD, r, s, m), *loss, *grad]
     if k is Kind.SEND_GRAD:
         return [Action(Kind.BACKWARD, r, s, m)]
     return []
 
 
-def validate(streams: Streams, placement: Placement, num_microbatches: int, forward_only: bool = False) -> None:
+def validate(
+    streams: Streams,
+    placement: Placement,
+    num_microbatches: int,
+    forward_only: bool = False,
+    loss_barrier: bool | None = None,
+) -> None:
     """Raise ``ScheduleError`` unless ``streams`` (a timetable or a lowered program) is a correct step.
 
     Checks that every forward (and, unless ``forward_only``, backward) runs exactly once on its rank in
     dependency order; for programs also that sends and receives pair up with consistent peers and that
-    every rank runs the OUTPUT collectives in the same order.
+    every rank runs the OUTPUT collectives in the same order. ``loss_barrier``: whether every backward waits
+    for every last-stage output (``None``: a program without LOSS actions does, a timetable does).
 
     Examples:
         >>> from lightning_cmp.schedule.cmp import cmp
@@ -170,7 +202,7 @@ def validate(streams: Streams, placement: Placement, num_microbatches: int, forw
         >>> placement = Placement(3, num_replicas=2)
         >>> validate(lower(cmp(3), placement, 1, average_gradients=True), placement, 1)
     """
-    checker = _Checker(streams, placement, num_microbatches)
+    checker = _Checker(streams, placement, num_microbatches, loss_barrier)
     checker.check_fields()
     checker.check_compute(forward_only)
     if not checker.is_program:
@@ -179,5 +211,6 @@ def validate(streams: Streams, placement: Placement, num_microbatches: int, forw
         checker.check_timetable_order()
         return
     checker.check_outputs()
+    checker.check_losses()
     checker.check_links()
     checker.check_program_order()

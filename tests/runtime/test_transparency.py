@@ -11,8 +11,8 @@ from tests.helpers.launch import run_workers
 from tests.helpers.models import batches, build, train_reference, train_steps
 
 STEPS = 5
-# (model, schedule, averaging, shared_memory): mirrors on one host exchange through shared memory by default;
-# shared_memory=False sends through gloo, the path ranks on different hosts (or GPUs) take.
+# (model, schedule, averaging, shared_memory[, num_microbatches]): mirrors on one host exchange through shared
+# memory by default; shared_memory=False sends through gloo, the path ranks on different hosts (or GPUs) take.
 CASES = [
     ("sequential", "mp", "gradient", True),
     ("sequential", "cmp", "gradient", True),
@@ -23,16 +23,26 @@ CASES = [
     # Averaging the weights after every SGD step is linear in the gradients, so it matches too.
     ("sequential", "cmp", "parameter", True),
     ("sequential", "cmp", "parameter", False),
+    # Microbatches: both directions interleaved 1F1B-style, the loss computed per microbatch.
+    ("sequential", "cmp", "gradient", True, 2),
+    ("resnet18", "cmp", "gradient", True, 4),
+    ("resnet18", "cmp", "gradient", False, 2),
+    ("sequential", "cmp", "parameter", True, 4),
+    ("resnet18", "cmp", "parameter", False, 2),
 ]
 
 
-def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str, shared_memory: bool) -> dict:
+def _train(
+    rank: int, world: int, model_name: str, schedule: str, averaging: str, shared_memory: bool, microbatches: int = 1
+) -> dict:
     model = build(model_name)
     chain = trace_chain(model)
     cuts = uniform_cuts(chain.num_blocks, world)
     comm = Comm(list(range(world)), rank, torch.device("cpu"))
     # Small buckets: ResNet-18's gradients go out in many pieces while its backward is still running.
-    pipe = Pipeline(chain, cuts, schedule, comm, averaging, bucket_bytes=256 << 10, shared_memory=shared_memory)
+    pipe = Pipeline(
+        chain, cuts, schedule, comm, averaging, microbatches, bucket_bytes=256 << 10, shared_memory=shared_memory
+    )
     uses_shared_memory = bool(pipe.executor.averager.shared_peers)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
@@ -69,11 +79,11 @@ def _relative_error(state: dict, ref: dict) -> float:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_weights_and_losses_equal_single_process(world: int, references: dict) -> None:
     results = run_workers(_all_cases, world, timeout=240)
-    for index, (model_name, schedule, averaging, shared_memory) in enumerate(CASES):
+    for index, (model_name, schedule, averaging, shared_memory, *microbatches) in enumerate(CASES):
         ref_state, ref_losses = references[model_name]
         for rank, per_rank in enumerate(results):
             got = per_rank[index]
-            label = f"{model_name}/{schedule}/{averaging}/shared_memory={shared_memory} K={world} rank {rank}"
+            label = f"{model_name}/{schedule}/{averaging}/shm={shared_memory}/N={microbatches} K={world} rank {rank}"
             assert got["shared_memory"] == (schedule == "cmp" and shared_memory), label
             assert set(got["state"]) == set(ref_state), label
             assert _relative_error(got["state"], ref_state) < 1e-5, label

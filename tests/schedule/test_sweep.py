@@ -16,14 +16,16 @@ def test_schedule_properties(name: str, num_stages: int, num_microbatches: int) 
     spec = SCHEDULES[name]
     placement = spec.placement(num_stages)
     table = spec.build(num_stages, num_microbatches, placement)
-    validate(table, placement, num_microbatches)
+    per_microbatch = spec.loss_per_microbatch(num_microbatches)
+    validate(table, placement, num_microbatches, loss_barrier=not per_microbatch)
     for rank in range(num_stages):
         forwards = [a for a in table[rank] if a is not None and a.kind is Kind.FORWARD]
         assert len(forwards) == len(placement.stages_on(rank)) * num_microbatches
     for average in (False, True):
-        program = lower(table, placement, num_microbatches, average)
+        program = lower(table, placement, num_microbatches, average, per_microbatch)
         validate(program, placement, num_microbatches)
         kinds = Counter(a.kind for actions in program.values() for a in actions)
+        assert kinds[Kind.LOSS] == (spec.num_replicas * num_microbatches if per_microbatch else 0)
         assert kinds[Kind.SEND_ACT] == kinds[Kind.RECV_ACT] == spec.num_replicas * num_microbatches * (num_stages - 1)
         assert kinds[Kind.SEND_GRAD] == kinds[Kind.RECV_GRAD] == kinds[Kind.SEND_ACT]
         result = simulate(program, placement, num_microbatches)
