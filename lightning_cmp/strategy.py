@@ -37,7 +37,14 @@ from typing_extensions import override
 from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.errors import CMPConfigError, unknown_name
 from lightning_cmp.microbatch import MicrobatchLoss
-from lightning_cmp.partition import PARTITION_POLICIES, Chain, profile_blocks, resolve_cuts, trace_chain
+from lightning_cmp.partition import (
+    PARTITION_POLICIES,
+    Chain,
+    profile_blocks,
+    resolve_cuts,
+    stage_costs,
+    trace_chain,
+)
 from lightning_cmp.partition.materialize import materialize
 from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.comm import peers_lost
@@ -442,19 +449,31 @@ class CMPStrategy(ParallelStrategy):
     def _build_pipeline(self, x: Tensor) -> Pipeline:
         assert self._chain is not None and self.lightning_module is not None
         world = self.world_size
-        cuts = None
+        plan = None
         if self.global_rank == 0:
-            costs = None
-            if self.partition == "balanced":
-                costs = [f + b for f, b in profile_blocks(self._chain, x)]
+            blocks = profile_blocks(self._chain, x) if self.partition == "balanced" else None
+            costs = [f + b for f, b in blocks] if blocks is not None else None
             cuts = resolve_cuts(self.partition, self._chain.num_blocks, world, costs, self._chain.forbidden_cuts())
+            # per-stage forward and backward times: what an interleaved schedule orders its microbatches for
+            per_stage = None
+            if blocks is not None:
+                per_stage = (stage_costs([f for f, _ in blocks], cuts), stage_costs([b for _, b in blocks], cuts))
+            plan = (cuts, per_stage)
         comm = self._comm or Comm.world(self.global_rank, self.root_device)
-        cuts = comm.broadcast_object(cuts, 0)
+        cuts, per_stage = comm.broadcast_object(plan, 0)  # the same cuts and schedule order on every rank
         log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, cuts)
         seed = _base_seed()
         split_state = self._pending_split_state()
         pipeline = Pipeline(
-            self._chain, cuts, self.schedule, comm, self.averaging, self.num_microbatches, seed=seed, state=split_state
+            self._chain,
+            cuts,
+            self.schedule,
+            comm,
+            self.averaging,
+            self.num_microbatches,
+            seed=seed,
+            state=split_state,
+            stage_costs=per_stage,
         )
         scaler = getattr(self.precision_plugin, "scaler", None)
         if isinstance(scaler, torch.amp.GradScaler):  # the microbatch losses are scaled like Lightning's loss

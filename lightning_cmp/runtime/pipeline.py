@@ -20,7 +20,7 @@ from lightning_cmp.runtime.executor import Executor, Step
 from lightning_cmp.runtime.rng import ForwardSeeds
 from lightning_cmp.runtime.stage import StageCopy
 from lightning_cmp.runtime.state import fill, find_tensor, gather_tree
-from lightning_cmp.schedule import Placement, get_schedule, lower, lower_forward_only, split_phases
+from lightning_cmp.schedule import Placement, StageCosts, get_schedule, lower, lower_forward_only, split_phases
 
 __all__ = ["LossFn", "Pipeline"]
 
@@ -68,6 +68,7 @@ class Pipeline:
         shared_memory: bool = True,
         seed: int = 0,
         state: Mapping[str, Tensor] | None = None,
+        stage_costs: StageCosts | None = None,
     ) -> None:
         if averaging not in AVERAGING:
             raise CMPConfigError(f"averaging={averaging!r}; valid: {', '.join(map(repr, AVERAGING))}")
@@ -79,7 +80,8 @@ class Pipeline:
         self.averaging = averaging
         self.num_microbatches = num_microbatches
         self.placement = Placement(len(cuts) + 1, spec.num_replicas)
-        timetable = spec.build(self.placement.num_stages, num_microbatches, self.placement)
+        # The same on every rank: an interleaved order is built for the measured costs when given.
+        timetable = spec.timetable(self.placement.num_stages, num_microbatches, self.placement, stage_costs)
         self._averages_gradients = averaging == "gradient" and spec.num_replicas == 2
         self.loss_per_microbatch = spec.loss_per_microbatch(num_microbatches)
         #: applied to each microbatch's weighted loss before its backward (e.g. a GradScaler's ``scale``)

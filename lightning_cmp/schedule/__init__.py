@@ -9,7 +9,7 @@ from lightning_cmp.schedule.placement import Placement
 from lightning_cmp.schedule.registry import SCHEDULES, ScheduleSpec, get_schedule
 from lightning_cmp.schedule.render import render, render_program
 from lightning_cmp.schedule.simulate import DEFAULT_COSTS, Costs, SimResult, Span, simulate
-from lightning_cmp.schedule.timetable import Schedule, Timetable, build_timetable
+from lightning_cmp.schedule.timetable import Schedule, StageCosts, Timetable, build_interleaved, build_timetable
 from lightning_cmp.schedule.validate import validate
 
 __all__ = [
@@ -25,7 +25,9 @@ __all__ = [
     "ScheduleSpec",
     "SimResult",
     "Span",
+    "StageCosts",
     "Timetable",
+    "build_interleaved",
     "build_timetable",
     "cmp",
     "get_schedule",

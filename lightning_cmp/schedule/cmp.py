@@ -16,20 +16,31 @@ rank 3: FB0 .   .   FA3 BA3 .   .   BB0
 from __future__ import annotations
 
 from lightning_cmp.schedule.placement import Placement
-from lightning_cmp.schedule.timetable import Timetable, build_interleaved, build_timetable, resolve_placement
+from lightning_cmp.schedule.timetable import (
+    StageCosts,
+    Timetable,
+    build_interleaved,
+    build_timetable,
+    resolve_placement,
+)
 
 __all__ = ["cmp"]
 
 
 def cmp(
-    num_stages: int, num_microbatches: int = 1, placement: Placement | None = None, backward_cost: float = 2.0
+    num_stages: int,
+    num_microbatches: int = 1,
+    placement: Placement | None = None,
+    backward_cost: float = 2.0,
+    stage_costs: StageCosts | None = None,
 ) -> Timetable:
     """A's half-batch flows 0→K-1→0 while B's flows K-1→0→K-1; both use every rank.
 
     With ``num_microbatches`` > 1 each replica's half is split into microbatches and both directions are
     interleaved 1F1B-style (Chimera-class, `build_interleaved`): each microbatch's loss is computed as soon as
-    its last forward ran, a ready backward goes first, and stage ``s`` of a replica holds about ``K - s``
-    microbatches. ``backward_cost`` (a backward's cost relative to its forward) shapes that order.
+    its last forward ran, and stage ``s`` of a replica holds about ``K - s`` microbatches. The order is built
+    for ``stage_costs`` (measured per-stage forward and backward costs) when given, else for a backward costing
+    ``backward_cost`` times its forward.
 
     Examples:
         >>> table = cmp(2)
@@ -38,5 +49,5 @@ def cmp(
     """
     placement = resolve_placement(num_stages, 2, placement)
     if num_microbatches > 1:
-        return build_interleaved(placement, num_microbatches, backward_cost)
+        return build_interleaved(placement, num_microbatches, backward_cost, stage_costs)
     return build_timetable(placement, num_microbatches)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -11,7 +11,7 @@ from lightning_cmp.schedule.cmp import cmp
 from lightning_cmp.schedule.gpipe import gpipe
 from lightning_cmp.schedule.mp import mp
 from lightning_cmp.schedule.placement import Placement
-from lightning_cmp.schedule.timetable import Schedule
+from lightning_cmp.schedule.timetable import Schedule, StageCosts, Timetable
 
 __all__ = ["SCHEDULES", "ScheduleSpec", "get_schedule"]
 
@@ -26,10 +26,28 @@ class ScheduleSpec:
     description: str
     default_microbatches: int = 1
     interleaves: bool = False  # with microbatches: 1F1B order, so the loss is computed per microbatch
+    #: the same schedule ordered for measured per-stage costs (None: the order does not depend on costs)
+    build_for_costs: Callable[[int, int, Placement, StageCosts], Timetable] | None = None
 
     def loss_per_microbatch(self, num_microbatches: int) -> bool:
         """Whether the runtime computes the loss per microbatch (no loss barrier) at this microbatch count."""
         return self.interleaves and num_microbatches > 1
+
+    def timetable(
+        self, num_stages: int, num_microbatches: int, placement: Placement, stage_costs: StageCosts | None = None
+    ) -> Timetable:
+        """The timetable of one step; ordered for ``stage_costs`` (per-stage whole-batch forward and backward
+        times) where the schedule's order depends on them.
+
+        Examples:
+            >>> spec = get_schedule("cmp")
+            >>> table = spec.timetable(2, 2, spec.placement(2), stage_costs=([1.0, 1.0], [2.0, 2.0]))
+            >>> len(table[0])
+            8
+        """
+        if stage_costs is not None and self.build_for_costs is not None:
+            return self.build_for_costs(num_stages, num_microbatches, placement, stage_costs)
+        return self.build(num_stages, num_microbatches, placement)
 
     def placement(self, num_stages: int) -> Placement:
         """The placement this schedule runs on with ``num_stages`` ranks."""
@@ -49,6 +67,7 @@ SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType(
                 "cross model parallelism: two replicas, the second placed in reverse; with microbatches both "
                 "directions interleave 1F1B-style",
                 interleaves=True,
+                build_for_costs=lambda k, n, placement, costs: cmp(k, n, placement, stage_costs=costs),
             ),
             ScheduleSpec(
                 "gpipe", gpipe, 1, "GPipe: one replica, M microbatches, fill then drain", default_microbatches=4
