@@ -11,9 +11,11 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any
 
+from lightning_cmp.bench.microbatches import tables_from_json
 from lightning_cmp.schedule import SCHEDULES, lower, render, simulate
 
 # <!-- timetable schedule=cmp num_stages=4 -->  and  <!-- makespans num_stages=2,3,4 -->
+_MICROBATCHES = re.compile(r"<!--\s*microbatches\s+json=(\S+)\s*-->")
 _TIMETABLE = re.compile(r"<!--\s*timetable\s+schedule=(\w+)\s+num_stages=(\d+)(?:\s+num_microbatches=(\d+))?\s*-->")
 _MAKESPANS = re.compile(r"<!--\s*makespans\s+num_stages=([\d,]+)\s*-->")
 # <!-- output --> after a ```python block: what the page's blocks printed since the previous marker
@@ -33,13 +35,15 @@ def makespan_table(stage_counts: list[int]) -> str:
     """Simulated step time per schedule (forward = 1, backward = 2, free communication) as a Markdown table."""
     header = "| schedule | " + " | ".join(f"K={k}" for k in stage_counts) + " |"
     rows = [header, "|---|" + "---:|" * len(stage_counts)]
-    for name, spec in SCHEDULES.items():
+    runs = [(name, spec, spec.default_microbatches) for name, spec in SCHEDULES.items()]
+    runs += [(name, spec, 4) for name, spec in SCHEDULES.items() if spec.interleaves]
+    for name, spec, m in runs:
         cells = []
-        m = spec.default_microbatches
         for k in stage_counts:
             placement = spec.placement(k)
-            program = lower(spec.build(k, m, placement), placement, m, average_gradients=spec.num_replicas > 1)
-            cells.append(f"{simulate(program, placement, m).makespan:.1f}")
+            table = spec.build(k, m, placement)
+            program = lower(table, placement, m, spec.num_replicas > 1, spec.loss_per_microbatch(m))
+            cells.append(f"{simulate(program, placement, m).makespan:.2f}")
         label = f"`{name}`" + (f" (num_microbatches={m})" if m > 1 else "")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -87,4 +91,5 @@ def on_page_markdown(markdown: str, page: Any = None, **kwargs: Any) -> str:
     name = page.file.src_path if page is not None else "page"
     markdown = _TIMETABLE.sub(lambda m: timetable_block(m[1], int(m[2]), int(m[3]) if m[3] else None), markdown)
     markdown = _MAKESPANS.sub(lambda m: makespan_table([int(k) for k in m[1].split(",")]), markdown)
+    markdown = _MICROBATCHES.sub(lambda m: tables_from_json(m[1]), markdown)
     return with_outputs(markdown, name)

@@ -321,9 +321,10 @@ def test_api_reference_lists_every_public_name(package: str) -> None:
 def test_timetables_are_rendered_by_the_schedule_layer() -> None:
     page = _load_hooks().on_page_markdown((DOCS / "how-cmp-works.md").read_text())
     assert "<!--" not in page, "a marker was not expanded"
-    assert page.count('```text title="cmp, num_stages=') == 3 and "rank 3:" in page
+    assert page.count('```text title="cmp, num_stages=') == 4 and "rank 3:" in page
+    assert page.count('```text title="cmp, num_stages=4, num_microbatches=4"') == 1
     assert page.count('```text title="gpipe, num_stages=2, num_microbatches=4"') == 1
-    assert "| `cmp` | 3.0 |" in page
+    assert "| `cmp` | 3.00 |" in page and "| `cmp` (num_microbatches=4) | 3.00 |" in page
 
 
 def test_docs_site_builds_strictly(tmp_path: Path) -> None:

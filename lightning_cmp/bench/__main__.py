@@ -35,7 +35,7 @@ from lightning_cmp.partition import Chain, resolve_cuts, trace_chain
 from lightning_cmp.schedule import get_schedule
 
 #: One of each family, to keep ``--quick`` under two minutes on two busy cores.
-QUICK_METHODS = ["single", "mp", "gpipe2", "cmp", "pp_gpipe", "pp_dualpipev", "ddp"]
+QUICK_METHODS = ["single", "mp", "gpipe2", "cmp", "cmp2", "pp_gpipe", "pp_dualpipev", "ddp"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -517,6 +517,13 @@ def _pipeline_cmp(rank: int, world: int, device: torch.device, note: Note) -> Ou
     return _pipeline(Comm(list(range(world)), rank, device), device, "cmp", 1, note)
 
 
+def _pipeline_cmp_micro(rank: int, world: int, device: torch.device, note: Note) -> Outcome:
+    """Micro-batched ``cmp``: the interleaved order, each microbatch's loss on the device, the output-gradient check."""
+    from lightning_cmp.runtime.comm import Comm
+
+    return _pipeline(Comm(list(range(world)), rank, device), device, "cmp", 2, note)
+
+
 def _pipeline_gpipe(rank: int, world: int, device: torch.device, note: Note) -> Outcome:
     from lightning_cmp.runtime.comm import Comm
 
@@ -528,6 +535,7 @@ SCENARIOS: dict[str, Callable[[int, int, torch.device, Note], Outcome]] = {
     "gloo_point_to_point": _point_to_point,
     "pipeline_cmp_k1": _pipeline_local,
     "pipeline_cmp_k2": _pipeline_cmp,
+    "pipeline_cmp_micro_k2": _pipeline_cmp_micro,
     "pipeline_gpipe_k2": _pipeline_gpipe,
 }
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_cmp.bench.measure import peak_rss_mib
-from lightning_cmp.bench.models import build, make_batches
+from lightning_cmp.bench.models import build, make_batches, train_steps
 from lightning_cmp.partition import trace_chain
 from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.trace import compute_fraction
@@ -42,6 +42,8 @@ METHODS: dict[str, Method] = {
         Method("gpipe4", 2, "lightning_cmp gpipe M=4", 4),
         Method("gpipe8", 2, "lightning_cmp gpipe M=8", 8),
         Method("cmp", 2, "lightning_cmp cmp"),
+        Method("cmp2", 2, "lightning_cmp cmp N=2 (interleaved)", 2),
+        Method("cmp4", 2, "lightning_cmp cmp N=4 (interleaved)", 4),
         Method("pp_gpipe", 2, "torch pipelining ScheduleGPipe M=4", 4),
         Method("pp_1f1b", 2, "torch pipelining Schedule1F1B M=4", 4),
         Method("pp_dualpipev", 2, "torch pipelining ScheduleDualPipeV M=4 (4 stages)", 4),
@@ -51,17 +53,14 @@ METHODS: dict[str, Method] = {
 
 
 def _ours(rank: int, world: int, model: nn.Module, method: Method, cuts: list[int]) -> tuple[StepFn, Pipeline]:
-    schedule = "gpipe" if method.name.startswith("gpipe") else method.name
+    schedule = "gpipe" if method.name.startswith("gpipe") else "cmp" if method.name.startswith("cmp") else method.name
     comm = Comm(list(range(world)), rank, torch.device("cpu"))
     pipe = Pipeline(trace_chain(model), cuts, schedule, comm, num_microbatches=method.num_microbatches)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
 
     def step(x: Tensor, y: Tensor) -> None:
-        loss = F.cross_entropy(pipe(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_steps(pipe, opt, [(x, y)])
 
     return step, pipe
 

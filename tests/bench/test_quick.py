@@ -28,6 +28,7 @@ def test_quick_benchmark_outputs(tmp_path: Path) -> None:
         assert len(row["peak_rss_mib"]) == row["workers"]
     ours = {r["method"]: r for r in record["rows"]}
     assert len(ours["cmp"]["idle_fraction"]) == 2
+    assert "error" not in ours["cmp2"], ours["cmp2"]  # micro-batched cmp: the loss per microbatch
     assert set(record["projection_s_per_step"]) == {"mp", "gpipe4", "cmp"}
     assert set(record["timelines"]) == {"mp", "cmp"}
     assert (tmp_path / "throughput.png").stat().st_size > 0
