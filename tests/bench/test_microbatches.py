@@ -24,11 +24,14 @@ def test_projection_with_linear_costs() -> None:
     result = project(_linear_costs(batch), batch, exchange_per_byte=0.0, params=[0] * BLOCKS, ks=range(2, 9))
     assert list(result) == [2, 3, 4, 5, 6, 7, 8]
     for k, row in result.items():
-        assert set(row) == {"cmp", "gpipe", *TORCH, "cmp_vs_best_other"}
+        assert set(row) == {"cmp", "gpipe", *TORCH, "cmp_vs_best_other", "cmp_without_idle"}
+        assert row["cmp_without_idle"]["step_s"] <= row["cmp"]["step_s"]
         assert row["cmp"]["best_microbatches"] in CMP_N
         assert row["gpipe"]["best_microbatches"] in OTHER_M
         # the whole model's forward and backward cost 3 seconds: nothing beats 3/K per step on K ranks
         assert min(v["step_s"] for n, v in row.items() if n != "cmp_vs_best_other") >= 3.0 / k - 1e-9
+        if 16 % k == 0:  # equal stages: without idle time every worker computes exactly its share
+            assert row["cmp_without_idle"]["step_s"] == pytest.approx(3.0 / k)
     # K=2: cmp has no bubble at any N, so its best step is the ideal
     assert result[2]["cmp"]["step_s"] == pytest.approx(1.5)
     # gpipe at its best M=16: (M+K-1)/M x 3/K

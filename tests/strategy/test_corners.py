@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
 import torch
 
-from tests.helpers.python import run_python
+from tests.helpers.python import run_scenario
 from tests.helpers.scenario_corners import BATCH, LitCorners, data, loader, trainer_for
 from tests.strategy.test_trainer import assert_states_close
 
@@ -25,9 +24,7 @@ K = 3
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("corners")
-    run_python("-m", "tests.helpers.scenario_corners", json.dumps({"out": str(out), "devices": K}), timeout=400)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(K)]
+    return run_scenario("tests.helpers.scenario_corners", tmp_path_factory.mktemp("corners"), K)
 
 
 @functools.cache

@@ -8,12 +8,10 @@ refused on every rank, and a model input that differs between the calls on the r
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
-import torch
 
-from tests.helpers.python import run_python
+from tests.helpers.python import run_scenario
 from tests.helpers.scenario_microbatch import FITS, MODULES, STEPS, LitMicro, fit
 from tests.strategy.test_trainer import assert_states_close
 
@@ -22,9 +20,7 @@ K = 3
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("microbatch")
-    run_python("-m", "tests.helpers.scenario_microbatch", json.dumps({"out": str(out), "devices": K}), timeout=400)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(K)]
+    return run_scenario("tests.helpers.scenario_microbatch", tmp_path_factory.mktemp("microbatch"), K)
 
 
 @functools.cache
