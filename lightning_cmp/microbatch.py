@@ -81,7 +81,7 @@ class MicrobatchLoss:
         assert self._output is not None
         self._calls += 1
         expected = self.inputs[self._rows]
-        if x.shape != expected.shape or not torch.equal(x, expected):
+        if not _same(x, expected):
             raise CMPConfigError(
                 f"in the microbatch call of training_step the model got a different input than the rows "
                 f"{self._rows.start}:{self._rows.stop} of the whole batch's input (shape {tuple(x.shape)} vs "
@@ -112,6 +112,15 @@ class _quiet:
         for metric, state in zip(self.metrics, self.saved, strict=True):
             for key, value in state.items():
                 setattr(metric, key, value)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal shape, dtype and values, NaN equal to NaN (a corrupt sample is the same sample in both calls)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+    return torch.equal(a, b)
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:

@@ -440,8 +440,13 @@ class CMPStrategy(ParallelStrategy):
                 self._pipeline.executor.timings = []
         module = self.lightning_module  # the global step keys dropout masks: a resumed run draws the same ones
         step = module.trainer.global_step if module is not None else None
-        if self._pipeline.loss_per_microbatch and torch.is_grad_enabled() and self._step_call is not None:
-            assert module is not None
+        if self._pipeline.loss_per_microbatch and torch.is_grad_enabled():
+            if self._step_call is None or module is None:
+                raise CMPConfigError(
+                    f"the model was called with gradients enabled outside training_step; with num_microbatches="
+                    f"{self.num_microbatches} `cmp` trains it only inside training_step (it runs the user's loss "
+                    "there per microbatch). Call it under torch.no_grad() elsewhere"
+                )
             self._microbatch_loss = MicrobatchLoss(module, *self._step_call, inputs=x)
             return self._pipeline(x, step=step, loss_fn=self._microbatch_loss)
         return self._pipeline(x, step=step)
