@@ -42,7 +42,7 @@ from lightning_cmp.partition import (
     Chain,
     profile_blocks,
     resolve_cuts,
-    stage_costs,
+    stage_pass_costs,
     trace_chain,
 )
 from lightning_cmp.partition.materialize import materialize
@@ -460,10 +460,7 @@ class CMPStrategy(ParallelStrategy):
             costs = [f + b for f, b in blocks] if blocks is not None else None
             cuts = resolve_cuts(self.partition, self._chain.num_blocks, world, costs, self._chain.forbidden_cuts())
             # per-stage forward and backward times: what an interleaved schedule orders its microbatches for
-            per_stage = None
-            if blocks is not None:
-                per_stage = (stage_costs([f for f, _ in blocks], cuts), stage_costs([b for _, b in blocks], cuts))
-            plan = (cuts, per_stage)
+            plan = (cuts, stage_pass_costs(blocks, cuts) if blocks is not None else None)
         comm = self._comm or Comm.world(self.global_rank, self.root_device)
         cuts, per_stage = comm.broadcast_object(plan, 0)  # the same cuts and schedule order on every rank
         log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, cuts)

@@ -45,7 +45,7 @@ from lightning_cmp.bench.models import build, make_batches
 from lightning_cmp.bench.project import block_costs, exchange_seconds_per_byte, param_bytes
 from lightning_cmp.bench.report import write_json
 from lightning_cmp.bench.torch_schedules import num_virtual_stages, simulate_order, torch_order
-from lightning_cmp.partition import resolve_cuts, stage_costs, trace_chain
+from lightning_cmp.partition import resolve_cuts, stage_pass_costs, trace_chain
 from lightning_cmp.schedule import Costs, Placement, get_schedule, lower, simulate
 
 __all__ = ["main", "project", "tables", "tables_from_json"]
@@ -58,18 +58,10 @@ MEASURED = ("mp", "gpipe4", "cmp", "cmp2", "cmp4")
 BlockCosts = dict[int, list[tuple[float, float]]]
 
 
-def _stage_sums(costs: list[tuple[float, float]], cuts: list[int], scale: float) -> tuple[list[float], list[float]]:
-    """Per-stage (forward, backward) of the blocks ``costs`` measured at one microbatch size, times ``scale`` (the
-    simulators divide a whole batch's cost by the microbatch count)."""
-    forward = [scale * c for c in stage_costs([f for f, _ in costs], cuts)]
-    backward = [scale * c for c in stage_costs([b for _, b in costs], cuts)]
-    return forward, backward
-
-
 def _ours(name: str, k: int, n: int, costs: BlockCosts, batch: int, cuts: list[int], average: float) -> dict:
     spec = get_schedule(name)
     replicas = spec.num_replicas
-    forward, backward = _stage_sums(costs[batch // (replicas * n)], cuts, replicas * n)
+    forward, backward = stage_pass_costs(costs[batch // (replicas * n)], cuts, replicas * n)
     placement = Placement(k, replicas)
     per_mb = spec.loss_per_microbatch(n)
     # ordered for the measured costs, as the strategy does with the balanced partition's profile
@@ -88,7 +80,7 @@ def _torch(name: str, k: int, m: int, costs: BlockCosts, batch: int, whole: list
     if stages > len(whole):
         return None
     cuts = resolve_cuts("balanced", len(whole), stages, whole)
-    forward, backward = _stage_sums(costs[batch // m], cuts, m)
+    forward, backward = stage_pass_costs(costs[batch // m], cuts, m)
     try:
         order = torch_order(name, k, m)
     except ValueError:  # torch refuses this microbatch count

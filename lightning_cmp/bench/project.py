@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_cmp.bench.launch import run_workers
-from lightning_cmp.partition import Chain, profile_blocks, resolve_cuts
+from lightning_cmp.partition import Chain, profile_blocks, resolve_cuts, stage_pass_costs
 from lightning_cmp.schedule import Costs, Placement, get_schedule, lower, simulate
 
 __all__ = [
@@ -188,8 +188,7 @@ def _project(model: StepModel, cuts: list[int], schedule: str, m: int) -> float:
     bounds = [0, *cuts, len(model.params)]
     costs = model.costs[model.rows(replicas, m)]
     scale = replicas * m  # the simulator divides by this; these costs are already per microbatch
-    forward = [scale * sum(f for f, _ in costs[a:b]) for a, b in pairwise(bounds)]
-    backward = [scale * sum(b_ for _, b_ in costs[a:b]) for a, b in pairwise(bounds)]
+    forward, backward = stage_pass_costs(costs, cuts, scale)
     stage_bytes = [sum(model.params[a:b]) for a, b in pairwise(bounds)]
     message = max(model.activations[c - 1] for c in cuts) // scale
     exchange = max(stage_bytes)

@@ -16,6 +16,7 @@ from lightning_cmp.partition.solver import (
     check_num_stages,
     resolve_cuts,
     stage_costs,
+    stage_pass_costs,
     too_few_blocks,
     uniform_cuts,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "profile_blocks",
     "resolve_cuts",
     "stage_costs",
+    "stage_pass_costs",
     "too_few_blocks",
     "trace_chain",
     "uniform_cuts",

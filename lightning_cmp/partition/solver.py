@@ -237,6 +237,20 @@ def stage_costs(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
     return [float(sum(costs[a:b])) for a, b in pairwise(bounds)]
 
 
+def stage_pass_costs(
+    blocks: Sequence[tuple[float, float]], cuts: Sequence[int], scale: float = 1.0
+) -> tuple[list[float], list[float]]:
+    """Each stage's summed (forward, backward) cost from per-block ``(forward, backward)`` costs, times ``scale``.
+
+    Examples:
+        >>> stage_pass_costs([(1.0, 2.0), (1.0, 3.0), (2.0, 4.0)], [2])
+        ([2.0, 2.0], [5.0, 4.0])
+    """
+    forward = stage_costs([f for f, _ in blocks], cuts)
+    backward = stage_costs([b for _, b in blocks], cuts)
+    return [scale * c for c in forward], [scale * c for c in backward]
+
+
 def _check_costs(costs: Sequence[float]) -> None:
     for block, cost in enumerate(costs):
         if not (math.isfinite(cost) and cost >= 0):

@@ -3,13 +3,14 @@
 from lightning_cmp.schedule.action import REPLICA_NAMES, Action, Kind
 from lightning_cmp.schedule.cmp import cmp
 from lightning_cmp.schedule.gpipe import gpipe
+from lightning_cmp.schedule.interleave import build_interleaved
 from lightning_cmp.schedule.lower import Program, lower, lower_forward_only, split_phases
 from lightning_cmp.schedule.mp import mp
 from lightning_cmp.schedule.placement import Placement
 from lightning_cmp.schedule.registry import SCHEDULES, ScheduleSpec, get_schedule
 from lightning_cmp.schedule.render import render, render_program
 from lightning_cmp.schedule.simulate import DEFAULT_COSTS, Costs, SimResult, Span, simulate
-from lightning_cmp.schedule.timetable import Schedule, StageCosts, Timetable, build_interleaved, build_timetable
+from lightning_cmp.schedule.timetable import Schedule, StageCosts, Timetable, build_timetable
 from lightning_cmp.schedule.validate import validate
 
 __all__ = [

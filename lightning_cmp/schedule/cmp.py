@@ -15,14 +15,9 @@ rank 3: FB0 .   .   FA3 BA3 .   .   BB0
 
 from __future__ import annotations
 
+from lightning_cmp.schedule.interleave import build_interleaved
 from lightning_cmp.schedule.placement import Placement
-from lightning_cmp.schedule.timetable import (
-    StageCosts,
-    Timetable,
-    build_interleaved,
-    build_timetable,
-    resolve_placement,
-)
+from lightning_cmp.schedule.timetable import StageCosts, Timetable, build_timetable, resolve_placement
 
 __all__ = ["cmp"]
 

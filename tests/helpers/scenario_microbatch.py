@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_cmp
+from tests.helpers.scenario_corners import fp16_plugin
 
 FEATURES, CLASSES, BATCH, STEPS = 8, 4, 12, 6
 
@@ -95,7 +95,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[recorder],
-        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if fp16 else None,
+        plugins=[fp16_plugin()] if fp16 else None,
         **kw,
     )
     trainer.fit(module, loader())
