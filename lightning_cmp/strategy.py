@@ -34,7 +34,6 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from typing_extensions import override
 
-from lightning_cmp._register import run_deferred
 from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.errors import CMPConfigError, unknown_name
 from lightning_cmp.microbatch import MicrobatchLoss
@@ -865,6 +864,3 @@ def _check_arguments(
             f"average_every={average_every} only applies to averaging='parameter' (averaging={averaging!r} "
             "sums gradients every step)"
         )
-
-
-run_deferred()  # the package's registration, when Lightning was first imported by this module

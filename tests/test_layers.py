@@ -4,8 +4,6 @@ the examples and the data/model helpers import Lightning."""
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,31 +99,3 @@ def test_only_the_glue_imports_lightning() -> None:
 )
 def test_patterns(rel: str, patterns: tuple[str, ...], expected: bool) -> None:
     assert _matches(rel, patterns) is expected
-
-
-def _fresh(code: str) -> str:
-    """What ``code`` prints in a new interpreter started in the repository root."""
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120, check=True
-    )
-    return proc.stdout.strip()
-
-
-def test_the_schedule_layer_imports_without_torch_or_lightning() -> None:
-    # run, not read: the package's own __init__ runs first and must not pull the glue in
-    loaded = _fresh(
-        "import sys, lightning_cmp.schedule; "
-        f"print(sorted(m for m in {sorted(TORCH)!r} if m in sys.modules))"
-    )
-    assert loaded == "[]"
-
-
-@pytest.mark.parametrize("first", ["lightning_cmp", "lightning"])
-def test_importing_the_package_registers_the_strategies_before_or_after_lightning(first: str) -> None:
-    second = "lightning" if first == "lightning_cmp" else "lightning_cmp"
-    code = (
-        f"import {first}, {second}\n"
-        "from lightning.pytorch.strategies import StrategyRegistry\n"
-        "print(all(name in StrategyRegistry for name in ('cmp', 'mp', 'gpipe')))"
-    )
-    assert _fresh(code) == "True"
