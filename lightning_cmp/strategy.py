@@ -37,19 +37,13 @@ from typing_extensions import override
 from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.errors import CMPConfigError, unknown_name
 from lightning_cmp.microbatch import MicrobatchLoss
-from lightning_cmp.partition import (
-    PARTITION_POLICIES,
-    Chain,
-    profile_blocks,
-    resolve_cuts,
-    stage_pass_costs,
-    trace_chain,
-)
+from lightning_cmp.partition import Chain, trace_chain
 from lightning_cmp.partition.materialize import materialize
 from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.comm import peers_lost
 from lightning_cmp.runtime.liveness import stop_processes
 from lightning_cmp.runtime.memory import WorkerBytes, worker_bytes
+from lightning_cmp.runtime.plan import PARTITIONS, Partition, check_partition, plan_partition
 from lightning_cmp.runtime.scaler import agree_on_overflow
 from lightning_cmp.runtime.state import fill, find_tensor
 from lightning_cmp.runtime.stream import serve, write_streamed
@@ -119,7 +113,10 @@ class CMPStrategy(ParallelStrategy):
         schedule: ``"cmp"`` (two reversed replicas), ``"mp"`` (plain model parallel baseline) or ``"gpipe"``
             (one replica, ``num_microbatches`` microbatches, fill then drain).
         partition: ``"balanced"`` (profile blocks on the first batch, minimise the slowest stage),
-            ``"uniform"`` (equal block counts) or explicit cut indices (first block of stages 1..K-1).
+            ``"uniform"`` (equal block counts), ``"bipartition"`` (separate forward and backward cuts that even
+            out the workers' loads, from costs measured on the first batch; see the "Bi-Partition" page),
+            explicit cut indices (first block of stages 1..K-1) or an explicit Bi-Partition
+            ``{"forward": [...], "backward": [...]}``.
         averaging: ``"gradient"`` (sum the copies' gradients every step; equals single-device training) or
             ``"parameter"`` (each replica steps on its half batch; weights and buffers averaged every
             ``average_every`` steps and whenever the model is evaluated, saved or returned).
@@ -164,7 +161,7 @@ class CMPStrategy(ParallelStrategy):
         self,
         num_stages: int | None = None,
         schedule: str = "cmp",
-        partition: str | Sequence[int] = "balanced",
+        partition: str | Sequence[int] | Mapping[str, Sequence[int]] = "balanced",
         averaging: str = "gradient",
         average_every: int = 1,
         module: str | None = None,
@@ -194,7 +191,11 @@ class CMPStrategy(ParallelStrategy):
         self.trace = trace
         self.num_stages = num_stages
         self.schedule = schedule
-        self.partition = partition if isinstance(partition, str) else [int(c) for c in partition]
+        self.partition: Partition = partition
+        if isinstance(partition, Mapping):
+            self.partition = {k: list(v) for k, v in partition.items()}
+        elif not isinstance(partition, str):
+            self.partition = [int(c) for c in partition]
         self.averaging = averaging
         self.average_every = average_every
         self.module_name = module
@@ -385,9 +386,7 @@ class CMPStrategy(ParallelStrategy):
         self._chain = trace_chain(target, name=name)
         self._target = target
         world = self.num_processes * self.num_nodes
-        # Checks the block count and explicit cuts now, before any training.
-        policy = self.partition if self.partition != "balanced" else "uniform"
-        resolve_cuts(policy, self._chain.num_blocks, world, forbidden=self._chain.forbidden_cuts())
+        check_partition(self.partition, self._chain, world)  # the block count and explicit cuts, before training
 
     def _patch(self, module: LightningModule) -> None:
         assert self._target is not None
@@ -454,28 +453,32 @@ class CMPStrategy(ParallelStrategy):
     def _build_pipeline(self, x: Tensor) -> Pipeline:
         assert self._chain is not None and self.lightning_module is not None
         world = self.world_size
-        plan = None
-        if self.global_rank == 0:
-            blocks = profile_blocks(self._chain, x) if self.partition == "balanced" else None
-            costs = [f + b for f, b in blocks] if blocks is not None else None
-            cuts = resolve_cuts(self.partition, self._chain.num_blocks, world, costs, self._chain.forbidden_cuts())
-            # per-stage forward and backward times: what an interleaved schedule orders its microbatches for
-            plan = (cuts, stage_pass_costs(blocks, cuts) if blocks is not None else None)
         comm = self._comm or Comm.world(self.global_rank, self.root_device)
-        cuts, per_stage = comm.broadcast_object(plan, 0)  # the same cuts and schedule order on every rank
-        log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, cuts)
+        # The same cuts and per-stage costs (what an interleaved schedule orders its microbatches for) everywhere.
+        plan = plan_partition(self.partition, self._chain, x, comm)
+        if plan.forward_cuts != plan.cuts:
+            log.info(
+                "lightning_cmp: %s split into %d stages: forward cut at blocks %s, backward at %s",
+                self._chain.name,
+                world,
+                plan.forward_cuts,
+                plan.cuts,
+            )
+        else:
+            log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, plan.cuts)
         seed = _base_seed()
         split_state = self._pending_split_state()
         pipeline = Pipeline(
             self._chain,
-            cuts,
+            plan.cuts,
             self.schedule,
             comm,
             self.averaging,
             self.num_microbatches,
             seed=seed,
             state=split_state,
-            stage_costs=per_stage,
+            stage_costs=plan.stage_costs,
+            forward_cuts=plan.forward_cuts,
         )
         scaler = getattr(self.precision_plugin, "scaler", None)
         if isinstance(scaler, torch.amp.GradScaler):  # the microbatch losses are scaled like Lightning's loss
@@ -848,13 +851,13 @@ def _check_keys(module: nn.Module, state: Mapping[str, Any]) -> None:
 
 
 def _check_arguments(
-    num_stages: int | None, schedule: str, partition: str | Sequence[int], averaging: str, average_every: int
+    num_stages: int | None, schedule: str, partition: Partition, averaging: str, average_every: int
 ) -> None:
     get_schedule(schedule)
     if num_stages is not None and num_stages < 2:
         raise CMPConfigError(f"num_stages={num_stages}; a pipeline needs at least 2 stages (None: one per worker)")
-    if isinstance(partition, str) and partition not in PARTITION_POLICIES:
-        raise unknown_name("partition", partition, PARTITION_POLICIES)
+    if isinstance(partition, str) and partition not in PARTITIONS:
+        raise unknown_name("partition", partition, PARTITIONS)
     if averaging not in AVERAGING:
         raise unknown_name("averaging", averaging, AVERAGING)
     if not isinstance(average_every, int) or average_every < 1:

@@ -6,6 +6,7 @@ from lightning_cmp.partition.bipartition import (
     bipartition_loads,
     check_bipartition_cuts,
     imbalance,
+    measured_costs,
 )
 from lightning_cmp.partition.chain import Chain, trace_chain
 from lightning_cmp.partition.profile import profile_blocks
@@ -32,6 +33,7 @@ __all__ = [
     "check_cuts",
     "check_num_stages",
     "imbalance",
+    "measured_costs",
     "profile_blocks",
     "resolve_cuts",
     "stage_costs",

@@ -38,7 +38,14 @@ from itertools import accumulate
 from lightning_cmp.errors import PartitionError
 from lightning_cmp.partition.solver import Forbidden, _group_bounds, check_cuts, check_num_stages
 
-__all__ = ["BlockCosts", "bipartition_cuts", "bipartition_loads", "check_bipartition_cuts", "imbalance"]
+__all__ = [
+    "BlockCosts",
+    "bipartition_cuts",
+    "bipartition_loads",
+    "check_bipartition_cuts",
+    "imbalance",
+    "measured_costs",
+]
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,37 @@ class BlockCosts:
         return {**fields, "weight_sync": self.weight_sync}
 
 
+def measured_costs(
+    passes: Sequence[tuple[float, float]], replays: Sequence[tuple[float, int, int]], seconds_per_byte: float
+) -> BlockCosts:
+    """`BlockCosts` of what the runtime does, from measurements: ``passes`` per block (forward, backward)
+    seconds (``profile_blocks``), ``replays`` per block (replay seconds, recorded bytes, weight bytes)
+    (``runtime.replay.profile_replay``) and the measured ``seconds_per_byte`` of a message between workers.
+
+    A split block costs its backward worker the replay of its forward plus receiving the recording, and
+    sending its updated weights back (``move`` and ``weight_sync``). The runtime always replays, so
+    ``recompute`` is the same as ``move``.
+
+    Examples:
+        >>> costs = measured_costs([(1.0, 2.0)], [(0.1, 1000, 200)], seconds_per_byte=1e-3)
+        >>> costs.move, costs.weight_sync
+        ((1.1,), (0.2,))
+    """
+    if len(passes) != len(replays):
+        raise PartitionError(
+            f"{len(passes)} blocks of forward/backward times but {len(replays)} replay measurements; profile the same "
+            "chain with both"
+        )
+    move = [seconds + recorded * seconds_per_byte for seconds, recorded, _ in replays]
+    return BlockCosts(
+        forward=[f for f, _ in passes],
+        backward=[b for _, b in passes],
+        move=move,
+        weight_sync=[weights * seconds_per_byte for _, _, weights in replays],
+        recompute=move,
+    )
+
+
 def bipartition_loads(costs: BlockCosts, forward_cuts: Sequence[int], backward_cuts: Sequence[int]) -> list[float]:
     """Each worker's load: its forward and backward blocks, plus the charges of the split blocks it owns.
 
@@ -144,8 +182,12 @@ def check_bipartition_cuts(
     num_blocks: int,
     num_stages: int,
     forbidden: Forbidden | None = None,
+    forward_ahead: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Validate a bipartition: two valid layer-wise cut lists whose pairs do not interleave.
+
+    ``forward_ahead``: also require ``forward_cuts[i] >= backward_cuts[i]`` (a split block's forward runs on
+    the earlier worker: what the runtime serves, see `bipartition_cuts`).
 
     Examples:
         >>> check_bipartition_cuts([3, 5], [2, 5], num_blocks=8, num_stages=3)
@@ -163,6 +205,15 @@ def check_bipartition_cuts(
                 f"send a block's two passes to workers two or more apart; keep "
                 f"max(forward_cuts[i], backward_cuts[i]) <= min(forward_cuts[i+1], backward_cuts[i+1])"
             )
+    behind = [i for i, (f, b) in enumerate(zip(forward, backward, strict=True)) if f < b]
+    if forward_ahead and behind:
+        i = behind[0]
+        raise PartitionError(
+            f"forward_cuts[{i}]={forward[i]} < backward_cuts[{i}]={backward[i]}: "
+            f"blocks {forward[i]}..{backward[i] - 1} would run their forward on worker {i + 1} and their backward "
+            f"on worker {i}, which the runtime does not serve (a split block's forward runs on the earlier "
+            "worker); give forward_cuts[i] >= backward_cuts[i]"
+        )
     return forward, backward
 
 
@@ -178,9 +229,15 @@ def _check_pair(
 
 
 def bipartition_cuts(
-    costs: BlockCosts, num_stages: int, forbidden: Forbidden | None = None
+    costs: BlockCosts, num_stages: int, forbidden: Forbidden | None = None, forward_ahead: bool = False
 ) -> tuple[list[int], list[int]]:
     """``(forward_cuts, backward_cuts)`` minimising the slowest worker's ``bipartition_loads`` (exact).
+
+    ``forward_ahead``: only zones whose forward runs on the earlier worker (``forward_cuts[i] >=
+    backward_cuts[i]``), the optimum over that family. This is what the runtime serves: the forward worker
+    sends what the backward worker needs along with the activation it sends anyway, so the schedule keeps its
+    shape (`lightning_cmp.runtime.replay`); the other direction would make a worker wait for a later one
+    during the forward.
 
     Both lists avoid ``forbidden`` positions (``Chain.forbidden_cuts()``: blocks sharing weights) and obey the
     neighbour constraint of this module. The optimum is never above the best layer-wise cuts' (equal lists
@@ -197,7 +254,7 @@ def bipartition_cuts(
     check_num_stages(n, num_stages)
     if num_stages == 1:
         return [], []
-    chain = _Chain(costs, _group_bounds(n, num_stages, forbidden or {})[1:-1])
+    chain = _Chain(costs, _group_bounds(n, num_stages, forbidden or {})[1:-1], forward_ahead)
     best = chain.probe(chain.both[n], num_stages)  # every layer-wise split fits under the whole step
     assert best is not None
     top = best_load = max(bipartition_loads(costs, *best))
@@ -257,8 +314,9 @@ _States = list[list[float]]
 class _Chain:
     """Prefix sums of one cost model and the feasibility probe over them."""
 
-    def __init__(self, costs: BlockCosts, allowed: list[int]) -> None:
+    def __init__(self, costs: BlockCosts, allowed: list[int], forward_ahead: bool = False) -> None:
         self.n = costs.num_blocks
+        self.forward_ahead = forward_ahead  # no zone of kind _HI_B
         self.allowed = allowed  # the positions a cut may take, increasing
         self.allowed_set = set(allowed)
         self.both = [0.0, *accumulate(f + b for f, b in zip(costs.forward, costs.backward, strict=True))]
@@ -289,7 +347,9 @@ class _Chain:
                     new[_BOTH][hi] = 0.0
             # F < B: the zone's forward runs on the later worker, its backward (and charges) on the earlier one;
             # B < F: the other way round.
-            los_b = self._sweep(touching[_HI_B], self.owned, self.fwd, limit, new[_HI_B])
+            los_b = [-1] * (self.n + 1)
+            if not self.forward_ahead:
+                los_b = self._sweep(touching[_HI_B], self.owned, self.fwd, limit, new[_HI_B])
             los_f = self._sweep(touching[_HI_F], self.fwd, self.owned, limit, new[_HI_F])
             trail.append((states, los_f, los_b))
             states = new

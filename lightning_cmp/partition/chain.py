@@ -81,11 +81,12 @@ class Chain:
     def __repr__(self) -> str:
         return f"Chain({self.name!r}, num_blocks={self.num_blocks}, blocks={self.block_names})"
 
-    def stage_module(self, first_block: int, stop_block: int) -> fx.GraphModule:
+    def stage_module(self, first_block: int, stop_block: int, root: nn.Module | None = None) -> fx.GraphModule:
         """An ``fx.GraphModule`` running blocks ``[first_block, stop_block)``: one tensor in, one tensor out.
 
         Submodules, parameters and buffers are shared with the traced module by reference, so training
-        the stage trains the original. Only the attributes the stage uses are attached to it.
+        the stage trains the original. Only the attributes the stage uses are attached to it. ``root``: take them
+        from another module with the same qualified names instead (a copy of a stage holding these blocks).
 
         Examples:
             >>> chain = trace_chain(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
@@ -103,7 +104,9 @@ class Chain:
             env[node] = graph.node_copy(node, lambda n: env[n])
         graph.output(env[self._carried[stop_block]])
         graph.lint()
-        return fx.GraphModule(self.root, graph, class_name=f"Stage_{first_block}_{stop_block}")
+        return fx.GraphModule(
+            self.root if root is None else root, graph, class_name=f"Stage_{first_block}_{stop_block}"
+        )
 
     def stage_state_names(self, first_block: int, stop_block: int) -> tuple[list[str], list[str]]:
         """Qualified names (as in ``module.named_parameters()`` / ``named_buffers()``) the stage uses.

@@ -35,7 +35,7 @@ def profile_blocks(chain: Chain, example_input: Tensor, repeats: int = 3) -> lis
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
-    with torch.inference_mode(False), torch.enable_grad(), _restored(chain.root, example_input.device):
+    with torch.inference_mode(False), torch.enable_grad(), restored(chain.root, example_input.device):
         x = example_input.clone()
         timings = []
         for block in range(chain.num_blocks):
@@ -75,7 +75,7 @@ def _now(x: Tensor) -> float:
 
 
 @contextmanager
-def _restored(module: nn.Module, device: torch.device) -> Iterator[None]:
+def restored(module: nn.Module, device: torch.device) -> Iterator[None]:
     """Fork the RNG, snapshot buffers and detach ``.grad``; put all three back on exit."""
     buffers = [(b, b.clone()) for b in module.buffers()]
     grads = [(p, p.grad) for p in module.parameters()]

@@ -174,6 +174,17 @@ class Comm:
             dist.recv(out, src, group=self.group, tag=tag)
         return out
 
+    def send_list(self, tensors: Sequence[Tensor], peer: int, tag: int) -> None:
+        """Start sending a list of tensors (its length first) to group position ``peer``; see `recv_list`."""
+        self.send(torch.tensor([len(tensors)], dtype=torch.int64, device=self.device), peer, tag)
+        for tensor in tensors:
+            self.send(tensor, peer, tag)
+
+    def recv_list(self, peer: int, tag: int) -> list[Tensor]:
+        """Receive the next list `send_list` sent from group position ``peer`` with ``tag``."""
+        count = int(self.recv(peer, tag).item())
+        return [self.recv(peer, tag) for _ in range(count)]
+
     def exchange_into(self, tensor: Tensor, out: Tensor, peer: int, tag: int) -> list[Any]:
         """Start sending ``tensor`` to ``peer`` while receiving its same-shaped tensor into ``out``."""
         dst = self.ranks[peer]

@@ -18,6 +18,7 @@ from lightning_cmp.schedule import Action, Kind, Placement, render_program
 __all__ = ["Executor", "Step"]
 
 _ACT_MSG, _GRAD_MSG = 0, 1
+_REC_MSG = 5  # Bi-Partition: a recording of the next stage's lead blocks, sent right after the activation
 
 Key = tuple[int, int, int, int]  # (message, replica, stage, microbatch)
 
@@ -41,6 +42,8 @@ class Step:
     output_grads: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     seed_key: SeedKey | None = None
     output_grad: Callable[[tuple[int, int], Tensor], Tensor] | None = None
+    #: Bi-Partition: recordings of a stage's lead blocks, keyed (replica, stage that ran them, microbatch)
+    recordings: dict[tuple[int, int, int], list[Tensor]] = field(default_factory=dict)
 
     def seed(self, replica: int, stage: int, microbatch: int) -> int | None:
         return None if self.seed_key is None else stage_seed(self.seed_key, replica, stage, microbatch)
@@ -101,8 +104,15 @@ class Executor:
             x = step.arrived.pop((_ACT_MSG, a.replica, a.stage - 1, a.microbatch))
         acts = step.acts.setdefault((a.replica, a.stage), StageActivations())
         seed = step.seed(a.replica, a.stage, a.microbatch)
-        out = self.copies[(a.replica, a.stage)].forward(acts, a.microbatch, x, step.training, seed)
+        stage_copy = self.copies[(a.replica, a.stage)]
+        recording = None
+        if step.training and stage_copy.lead is not None:
+            recording = step.recordings.pop((a.replica, a.stage - 1, a.microbatch))
+        out = stage_copy.forward(acts, a.microbatch, x, step.training, seed, recording)
         step.produced[(_ACT_MSG, a.replica, a.stage, a.microbatch)] = out
+        if step.training and stage_copy.tail is not None:
+            next_seed = step.seed(a.replica, a.stage + 1, a.microbatch)
+            step.recordings[(a.replica, a.stage, a.microbatch)] = stage_copy.run_tail(out, next_seed)
 
     def _backward(self, a: Action, step: Step) -> None:
         if a.stage == self.last_stage:
@@ -117,11 +127,18 @@ class Executor:
         key = (_ACT_MSG if a.kind is Kind.SEND_ACT else _GRAD_MSG, a.replica, a.stage, a.microbatch)
         assert a.peer is not None
         self.comm.send(step.produced.pop(key), a.peer, message_tag(*key))
+        recording = step.recordings.pop(key[1:], None) if a.kind is Kind.SEND_ACT else None
+        if recording is not None:
+            self.comm.send_list(recording, a.peer, message_tag(_REC_MSG, a.replica, a.stage, a.microbatch))
 
     def _recv(self, a: Action, step: Step) -> None:
         key = (_ACT_MSG if a.kind is Kind.RECV_ACT else _GRAD_MSG, a.replica, a.stage, a.microbatch)
         assert a.peer is not None
         step.arrived[key] = self.comm.recv(a.peer, message_tag(*key))
+        consumer = self.copies.get((a.replica, a.stage + 1)) if a.kind is Kind.RECV_ACT else None
+        if step.training and consumer is not None and consumer.lead is not None:
+            tag = message_tag(_REC_MSG, a.replica, a.stage, a.microbatch)
+            step.recordings[(a.replica, a.stage, a.microbatch)] = self.comm.recv_list(a.peer, tag)
 
     def _loss(self, a: Action, step: Step) -> None:
         if step.output_grad is None:

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_cmp.errors import CMPConfigError, CopiesDriftedError, MicrobatchLossMismatch
-from lightning_cmp.partition import Chain
-from lightning_cmp.partition.materialize import materialize, release
+from lightning_cmp.partition import Chain, check_bipartition_cuts
+from lightning_cmp.partition.materialize import has_meta, materialize, release
 from lightning_cmp.runtime.averaging import Averager
-from lightning_cmp.runtime.comm import Comm
+from lightning_cmp.runtime.comm import Comm, message_tag
 from lightning_cmp.runtime.executor import Executor, Step
 from lightning_cmp.runtime.rng import ForwardSeeds
 from lightning_cmp.runtime.stage import StageCopy
@@ -25,6 +25,7 @@ from lightning_cmp.schedule import Placement, StageCosts, get_schedule, lower, l
 __all__ = ["LossFn", "Pipeline"]
 
 AVERAGING = ("gradient", "parameter")
+_MIRROR_MSG = 8  # message kind: the weights of a stage's lead blocks, sent to the worker that runs their forward
 
 #: ``loss_fn(rows, output)``: the caller's (mean-reduced) loss of the batch rows ``rows`` given their ``output``.
 LossFn = Callable[[slice, Tensor], Tensor]
@@ -45,6 +46,12 @@ class Pipeline:
     caller's output gradient against the microbatches' (one scale for all of them: Lightning's gradient
     accumulation and loss scaling) and puts the gradients in place, scaled alike; a loss that mixes samples
     is refused there (`MicrobatchLossMismatch`, on every rank).
+
+    ``forward_cuts`` (Bi-Partition; default ``cuts``): where the training forward is cut, ``cuts`` being where
+    the backward is (and what each stage's rank owns, steps and saves). Stage ``s + 1``'s blocks
+    ``[cuts[s], forward_cuts[s])`` run their training forward on stage ``s``'s rank, which holds a copy of their
+    weights refreshed before every training step; the next rank rebuilds their graph from a recording of that
+    forward (`lightning_cmp.runtime.replay`). ``forward_cuts[s] >= cuts[s]``; evaluation runs layer-wise.
 
     A rank holds only its stages: at construction it gives them their values (from ``state``, a checkpoint
     being restored; else from a rank that holds them; else a seeded ``reset_parameters()`` when the model was
@@ -69,13 +76,21 @@ class Pipeline:
         seed: int = 0,
         state: Mapping[str, Tensor] | None = None,
         stage_costs: StageCosts | None = None,
+        forward_cuts: list[int] | None = None,
     ) -> None:
         if averaging not in AVERAGING:
             raise CMPConfigError(f"averaging={averaging!r}; valid: {', '.join(map(repr, AVERAGING))}")
         spec = get_schedule(schedule)
         chain.check_cuts_share_nothing(cuts)
+        forward_cuts = list(cuts) if forward_cuts is None else list(forward_cuts)
+        if forward_cuts != list(cuts):
+            chain.check_cuts_share_nothing(forward_cuts)
+            check_bipartition_cuts(
+                forward_cuts, cuts, chain.num_blocks, len(cuts) + 1, chain.forbidden_cuts(), forward_ahead=True
+            )
         self.chain = chain
         self.cuts = list(cuts)
+        self.forward_cuts = forward_cuts
         self.comm = comm
         self.averaging = averaging
         self.num_microbatches = num_microbatches
@@ -97,7 +112,7 @@ class Pipeline:
         fill(chain.root, self.local_names(), comm, seed, state)
         # Tensors no stage uses (an unused branch) stay on every rank; one built on the meta device gets memory.
         materialize(chain.root, comm.device, seed, self._unstaged_names())
-        self.copies = self._build_copies()
+        self.copies = self._build_copies(seed)
         averager = Averager(comm, self.copies, bucket_bytes, shared_memory and spec.num_replicas == 2)
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
@@ -192,6 +207,7 @@ class Pipeline:
         self, x: Tensor, step_index: int | None = None, loss_fn: LossFn | None = None
     ) -> tuple[Tensor, Step]:
         step = self._new_step(x, training=True, step_index=step_index)
+        self._refresh_mirrors()
         if loss_fn is not None:
             step.output_grad = self._output_grad_fn(step, loss_fn)
         try:
@@ -300,18 +316,72 @@ class Pipeline:
             self.executor.run(self.backward_actions, step)
 
     # -- stage copies -----------------------------------------------------------------------------------
-    def _build_copies(self) -> dict[tuple[int, int], StageCopy]:
+    def _build_copies(self, seed: int) -> dict[tuple[int, int], StageCopy]:
         bounds = self.stage_bounds()
         copies: dict[tuple[int, int], StageCopy] = {}
         originals: dict[int, nn.Module] = {}
         for replica, stage in self.placement.stages_on(self.comm.me):
             module = self.chain.stage_module(bounds[stage], bounds[stage + 1])
+            twin = None
             if stage in originals:  # both copies of a stage here: the second one gets its own weights
-                copies[(replica, stage)] = StageCopy(replica, stage, copy.deepcopy(module), twin=originals[stage])
+                module, twin = copy.deepcopy(module), originals[stage]
             else:
                 originals[stage] = module
-                copies[(replica, stage)] = StageCopy(replica, stage, module)
+            copies[(replica, stage)] = StageCopy(
+                replica, stage, module, twin, lead=self._lead(stage, module), tail=self._tail(stage, seed)
+            )
         return copies
+
+    def _zone(self, stage: int) -> tuple[int, int]:
+        """Blocks ``[lo, hi)`` of stage ``stage + 1`` whose training forward runs on stage ``stage``'s rank."""
+        return self.cuts[stage], self.forward_cuts[stage]
+
+    def _lead(self, stage: int, module: nn.Module) -> tuple[nn.Module, nn.Module | None] | None:
+        if stage == 0:
+            return None
+        lo, hi = self._zone(stage - 1)
+        if lo == hi:
+            return None
+        stop = self.stage_bounds()[stage + 1]
+        rest = self.chain.stage_module(hi, stop, root=module) if hi < stop else None
+        return self.chain.stage_module(lo, hi, root=module), rest
+
+    def _tail(self, stage: int, seed: int) -> tuple[nn.Module, nn.Module] | None:
+        if stage == self.placement.num_stages - 1:
+            return None
+        lo, hi = self._zone(stage)
+        if lo == hi:
+            return None
+        original = self.chain.stage_module(lo, hi)
+        mirror = copy.deepcopy(original)  # its values come from the owner before every training step
+        if has_meta(mirror):
+            materialize(mirror, self.comm.device, seed)
+        return mirror, original
+
+    def _zone_names(self, stage: int) -> list[str]:
+        params, buffers = self.chain.stage_state_names(*self._zone(stage))
+        return [*params, *buffers]
+
+    def _refresh_mirrors(self) -> None:
+        """Before a training step: each owner of lead blocks sends their current weights and buffers to the rank
+        that runs their forward (point to point; a no-op without Bi-Partition)."""
+        for (replica, stage), stage_copy in self.copies.items():
+            if stage_copy.lead is not None:
+                tensors = [find_tensor(stage_copy.module, n) for n in self._zone_names(stage - 1)]
+                peer = self.placement.rank(replica, stage - 1)
+                self.comm.send_list(
+                    [t for t in tensors if t is not None], peer, message_tag(_MIRROR_MSG, replica, stage, 0)
+                )
+        for (replica, stage), stage_copy in self.copies.items():
+            if stage_copy.tail is not None:
+                peer = self.placement.rank(replica, stage + 1)
+                received = self.comm.recv_list(peer, message_tag(_MIRROR_MSG, replica, stage + 1, 0))
+                names = [n for n in self._zone_names(stage) if find_tensor(stage_copy.tail[0], n) is not None]
+                with torch.no_grad():
+                    for name, value in zip(names, received, strict=True):
+                        tensor = find_tensor(stage_copy.tail[0], name)
+                        assert tensor is not None
+                        tensor.copy_(value)
 
     def local_parameters(self) -> list[nn.Parameter]:
         return [p for c in self.copies.values() for p in c.parameters()]

@@ -39,7 +39,30 @@ def resnet18_bn_eval() -> nn.Module:
     return model
 
 
-MODELS = {"sequential": sequential_cnn, "resnet18": resnet18_no_bn, "resnet18_bn_eval": resnet18_bn_eval}
+def sequential_bn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+MODELS = {
+    "sequential": sequential_cnn,
+    "resnet18": resnet18_no_bn,
+    "resnet18_bn_eval": resnet18_bn_eval,
+    "sequential_bn": sequential_bn,  # BatchNorm in training mode: equal to one device only on whole batches (mp)
+}
 
 
 def build(name: str) -> nn.Module:

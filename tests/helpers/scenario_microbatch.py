@@ -76,9 +76,13 @@ def loader() -> DataLoader:
 class Recorder(Callback):
     def __init__(self) -> None:
         self.logged: list[dict[str, float]] = []
+        self.cuts: tuple[list[int], list[int]] | None = None  # (forward, backward) cuts the pipeline ran
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        pipeline = getattr(trainer.strategy, "_pipeline", None)
+        if pipeline is not None:
+            self.cuts = (pipeline.forward_cuts, pipeline.cuts)
 
 
 def fit(
@@ -102,6 +106,7 @@ def fit(
     return trainer, recorder
 
 
+BIPARTITION = {"forward": [3, 5], "backward": [2, 4]}
 #: fit name -> (CMPStrategy keyword arguments, Trainer keyword arguments, fp16)
 FITS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
     "n2": ({"num_microbatches": 2}, {}, False),
@@ -109,6 +114,12 @@ FITS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
     "n2_parameter": ({"num_microbatches": 2, "averaging": "parameter"}, {}, False),
     "n2_fp16": ({"num_microbatches": 2}, {}, True),
     "n2_sum": ({"num_microbatches": 2}, {}, False),
+    # Bi-Partition: blocks 2 and 4 run their forward on the worker before the one that runs their backward
+    "bip_mp": ({"schedule": "mp", "partition": BIPARTITION}, {}, False),
+    "bip_gpipe": ({"schedule": "gpipe", "num_microbatches": 2, "partition": BIPARTITION}, {}, False),
+    "bip_cmp": ({"partition": BIPARTITION}, {}, False),
+    "bip_cmp_n2": ({"num_microbatches": 2, "partition": BIPARTITION}, {}, False),
+    "bip_policy": ({"schedule": "mp", "partition": "bipartition"}, {}, False),  # cuts from measured costs
 }
 #: fit name -> LitMicro keyword arguments (with num_microbatches=2)
 MODULES: dict[str, dict[str, Any]] = {"n2_sum": {"reduction": "sum"}}
@@ -129,6 +140,7 @@ def main() -> None:
             "logged": recorder.logged,
             "steps": module.steps,
             "scale": float(trainer.precision_plugin.scaler.get_scale()) if fp16 else None,  # type: ignore[attr-defined]
+            "cuts": recorder.cuts,
         }
     torch.save(result, out / f"rank{rank}.pt")
     for name, module_kw in FAILING.items():  # meant to fail; each failure leaves the process ready for the next

@@ -19,6 +19,7 @@ from lightning_cmp.partition import (
     bipartition_loads,
     check_bipartition_cuts,
     imbalance,
+    measured_costs,
     stage_costs,
 )
 from lightning_cmp.partition import bipartition as bipartition_module
@@ -42,11 +43,17 @@ def _neighbours_only(forward: Sequence[int], backward: Sequence[int]) -> bool:
     return all(max(forward[i], backward[i]) <= min(forward[i + 1], backward[i + 1]) for i in range(len(forward) - 1))
 
 
-def _brute_force(costs: BlockCosts, num_stages: int, forbidden: dict[int, str]) -> float:
-    """The least bottleneck over every pair of cut lists obeying the neighbour constraint."""
+def _brute_force(costs: BlockCosts, num_stages: int, forbidden: dict[int, str], forward_ahead: bool = False) -> float:
+    """The least bottleneck over every pair of cut lists obeying the neighbour constraint (and, with
+    ``forward_ahead``, forward cuts never before backward cuts)."""
     allowed = [c for c in range(1, costs.num_blocks) if c not in forbidden]
     options = list(itertools.combinations(allowed, num_stages - 1))
-    return min(max(_reference_loads(costs, fw, bw)) for fw in options for bw in options if _neighbours_only(fw, bw))
+    return min(
+        max(_reference_loads(costs, fw, bw))
+        for fw in options
+        for bw in options
+        if _neighbours_only(fw, bw) and (not forward_ahead or all(f >= b for f, b in zip(fw, bw, strict=True)))
+    )
 
 
 def _random_costs(rng: random.Random, num_blocks: int, values: list[float]) -> BlockCosts:
@@ -81,6 +88,30 @@ def test_matches_brute_force_with_integer_costs_zeros_and_forbidden_cuts() -> No
             num_stages,
             forbidden,
         )
+
+
+def test_forward_ahead_matches_brute_force_and_keeps_its_direction() -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        costs, num_stages, forbidden = _random_case(rng, [0.0, 1.0, 2.0, 3.0, 5.0, 8.0])
+        forward, backward = bipartition_cuts(costs, num_stages, forbidden, forward_ahead=True)
+        assert all(f >= b for f, b in zip(forward, backward, strict=True)), (forward, backward)
+        check_bipartition_cuts(forward, backward, costs.num_blocks, num_stages, forbidden, forward_ahead=True)
+        assert max(bipartition_loads(costs, forward, backward)) == _brute_force(costs, num_stages, forbidden, True)
+
+
+def test_forward_ahead_refuses_a_zone_run_the_other_way() -> None:
+    with pytest.raises(PartitionError, match=r"forward_cuts\[0\]=2 < backward_cuts\[0\]=3: blocks 2..2 .* worker 1"):
+        check_bipartition_cuts([2], [3], num_blocks=5, num_stages=2, forward_ahead=True)
+
+
+def test_measured_costs_charge_what_the_runtime_moves() -> None:
+    costs = measured_costs([(1.0, 2.0), (3.0, 6.0)], [(0.1, 1000, 200), (0.2, 0, 0)], seconds_per_byte=1e-3)
+    assert costs.forward == (1.0, 3.0) and costs.backward == (2.0, 6.0)
+    assert costs.extra(0) == pytest.approx(0.1 + 1.0 + 0.2)  # replay + recording moved + weights sent back
+    assert costs.extra(1) == pytest.approx(0.2)
+    with pytest.raises(PartitionError, match="2 blocks of forward/backward times but 1 replay"):
+        measured_costs([(1.0, 2.0), (3.0, 6.0)], [(0.1, 1, 1)], 1e-3)
 
 
 def test_no_zone_of_split_blocks_is_needless() -> None:

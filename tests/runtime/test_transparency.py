@@ -11,9 +11,10 @@ from tests.helpers.launch import run_workers
 from tests.helpers.models import batches, build, train_reference, train_steps
 
 STEPS = 5
-# (model, schedule, averaging, shared_memory[, num_microbatches]): mirrors on one host exchange through shared
-# memory by default; shared_memory=False sends through gloo, the path ranks on different hosts (or GPUs) take.
-CASES = [
+# (model, schedule, averaging, shared_memory[, num_microbatches[, shift]]): mirrors on one host exchange through
+# shared memory by default; shared_memory=False sends through gloo, the path ranks on different hosts (or GPUs)
+# take. ``shift``: Bi-Partition, every forward cut ``shift`` blocks after its backward cut (`_forward_cuts`).
+CASES: list[tuple] = [
     ("sequential", "mp", "gradient", True),
     ("sequential", "cmp", "gradient", True),
     ("resnet18", "mp", "gradient", True),
@@ -29,11 +30,30 @@ CASES = [
     ("resnet18", "cmp", "gradient", False, 2),
     ("sequential", "cmp", "parameter", True, 4),
     ("resnet18", "cmp", "parameter", False, 2),
+    # Bi-Partition: the first blocks of each stage run their forward on the previous rank, which sends a
+    # recording of it; BatchNorm in training mode (mp: whole batches) advances its statistics alike on both.
+    ("sequential_bn", "mp", "gradient", True, 1, 2),
+    ("sequential", "gpipe", "gradient", True, 4, 1),
+    ("resnet18", "cmp", "gradient", True, 1, 2),
+    ("sequential", "cmp", "parameter", True, 1, 1),
+    ("resnet18", "cmp", "gradient", False, 2, 1),
 ]
 
 
+def _forward_cuts(cuts: list[int], num_blocks: int, shift: int) -> list[int]:
+    """Each forward cut ``shift`` blocks after its backward cut, at most at the next backward cut."""
+    return [min(c + shift, stop) for c, stop in zip(cuts, [*cuts[1:], num_blocks - 1], strict=True)]
+
+
 def _train(
-    rank: int, world: int, model_name: str, schedule: str, averaging: str, shared_memory: bool, microbatches: int = 1
+    rank: int,
+    world: int,
+    model_name: str,
+    schedule: str,
+    averaging: str,
+    shared_memory: bool,
+    microbatches: int = 1,
+    shift: int = 0,
 ) -> dict:
     model = build(model_name)
     chain = trace_chain(model)
@@ -41,8 +61,17 @@ def _train(
     comm = Comm(list(range(world)), rank, torch.device("cpu"))
     # Small buckets: ResNet-18's gradients go out in many pieces while its backward is still running.
     pipe = Pipeline(
-        chain, cuts, schedule, comm, averaging, microbatches, bucket_bytes=256 << 10, shared_memory=shared_memory
+        chain,
+        cuts,
+        schedule,
+        comm,
+        averaging,
+        microbatches,
+        bucket_bytes=256 << 10,
+        shared_memory=shared_memory,
+        forward_cuts=_forward_cuts(cuts, chain.num_blocks, shift),
     )
+    split = sorted((c.replica, c.stage, c.lead is not None, c.tail is not None) for c in pipe.copies.values())
     uses_shared_memory = bool(pipe.executor.averager.shared_peers)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
@@ -60,6 +89,7 @@ def _train(
         "losses": losses,
         "copies_differ": copies_differ,
         "shared_memory": uses_shared_memory,
+        "split": split,
     }
 
 
@@ -79,11 +109,15 @@ def _relative_error(state: dict, ref: dict) -> float:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_weights_and_losses_equal_single_process(world: int, references: dict) -> None:
     results = run_workers(_all_cases, world, timeout=240)
-    for index, (model_name, schedule, averaging, shared_memory, *microbatches) in enumerate(CASES):
+    for index, (model_name, schedule, averaging, shared_memory, *rest) in enumerate(CASES):
         ref_state, ref_losses = references[model_name]
+        shift = rest[1] if len(rest) > 1 else 0
         for rank, per_rank in enumerate(results):
             got = per_rank[index]
-            label = f"{model_name}/{schedule}/{averaging}/shm={shared_memory}/N={microbatches} K={world} rank {rank}"
+            label = f"{model_name}/{schedule}/{averaging}/shm={shared_memory}/{rest} K={world} rank {rank}"
+            # with a shift, every stage but the first replays its lead blocks and every one but the last runs a tail
+            assert all(lead == (shift > 0 and s > 0) for _, s, lead, _ in got["split"]), label
+            assert all(tail == (shift > 0 and s < world - 1) for _, s, _, tail in got["split"]), label
             assert got["shared_memory"] == (schedule == "cmp" and shared_memory), label
             assert set(got["state"]) == set(ref_state), label
             assert _relative_error(got["state"], ref_state) < 1e-5, label

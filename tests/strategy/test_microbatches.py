@@ -32,8 +32,12 @@ def _single_device(name: str) -> dict:
     return {"state": module.state_dict(), "logged": recorder.logged, "scale": scale}
 
 
-# n4_accumulate: Lightning divides the loss by accumulate_grad_batches; n2_sum: a summed loss (microbatches of 3)
-@pytest.mark.parametrize("name", ["n2", "n4_accumulate", "n2_parameter", "n2_sum"])
+# n4_accumulate: Lightning divides the loss by accumulate_grad_batches; n2_sum: a summed loss (microbatches of 3);
+# bip_*: Bi-Partition (separate forward and backward cuts) with every schedule
+@pytest.mark.parametrize(
+    "name",
+    ["n2", "n4_accumulate", "n2_parameter", "n2_sum", "bip_mp", "bip_gpipe", "bip_cmp", "bip_cmp_n2", "bip_policy"],
+)
 def test_weights_and_logged_values_equal_one_device(ranks: list[dict], name: str) -> None:
     ref = _single_device(name)
     for r, rank in enumerate(ranks):
@@ -44,6 +48,15 @@ def test_weights_and_logged_values_equal_one_device(ranks: list[dict], name: str
             assert mine.keys() == theirs.keys(), f"rank {r} step {step}"
             # the whole batch's loss and the epoch's accuracy: from the ordinary call on every rank alike
             assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-6), f"rank {r} step {step}"
+
+
+def test_bipartition_runs_the_cuts_asked_for(ranks: list[dict]) -> None:
+    for r, rank in enumerate(ranks):
+        for name in ("bip_mp", "bip_gpipe", "bip_cmp", "bip_cmp_n2"):
+            assert rank[name]["cuts"] == ([3, 5], [2, 4]), f"rank {r} {name}"
+        forward, backward = rank["bip_policy"]["cuts"]  # measured: any valid pair, the same on every rank
+        assert all(f >= b for f, b in zip(forward, backward, strict=True)), (forward, backward)
+        assert rank["bip_policy"]["cuts"] == ranks[0]["bip_policy"]["cuts"]
 
 
 def test_the_last_stages_ranks_run_training_step_once_more_per_microbatch(ranks: list[dict]) -> None:

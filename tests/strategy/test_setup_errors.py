@@ -64,7 +64,7 @@ def test_unknown_strategy_name_is_lightnings_error() -> None:
     ("kwargs", "message"),
     [
         ({"schedule": "cpm"}, r"unknown schedule 'cpm'; valid: 'cmp', (.*, )?'mp'"),
-        ({"partition": "even"}, r"unknown partition 'even'; valid: 'balanced', 'uniform'"),
+        ({"partition": "even"}, r"unknown partition 'even'; valid: 'balanced', 'bipartition', 'uniform'"),
         ({"averaging": "weights"}, r"unknown averaging 'weights'; valid: 'gradient', 'parameter'"),
         ({"average_every": 0}, r"average_every=0; use a whole number of steps >= 1"),
         ({"average_every": 4}, r"average_every=4 only applies to averaging='parameter'"),
@@ -179,6 +179,30 @@ def test_explicit_cuts_are_checked_at_setup() -> None:
 def test_bad_cut_lists_are_refused_at_setup(cuts: list[int], message: str) -> None:
     with pytest.raises(PartitionError, match=message):
         _setup(LitCNN(), devices=3, partition=cuts)
+
+
+@pytest.mark.parametrize(
+    ("partition", "message"),
+    [
+        ({"forward": [3, 5], "backward": [4, 5]}, r"forward_cuts\[0\]=3 < backward_cuts\[0\]=4: blocks 3..3 would run"),
+        (
+            {"forward": [5, 6], "backward": [2, 4]},
+            r"cuts 1 and 2 interleave: forward_cuts=\[5, 6\], backward_cuts=\[2, 4\]",
+        ),
+        ({"forward": [5], "backward": [4]}, r"partition=\[5\] gives 2 stages but num_stages=3"),
+        ({"forward": [5, 6], "backward": [4]}, r"different numbers of stages; give num_stages - 1 cuts in each"),
+        ({"fwd": [5, 6], "backward": [4, 5]}, r"exactly the keys 'forward' and 'backward'.*\{'forward': \[6\]"),
+        ({"forward": "5, 6", "backward": [4, 5]}, r"'forward' and 'backward' must each be a list of block indices"),
+    ],
+)
+def test_bad_bipartitions_are_refused_at_setup(partition: dict, message: str) -> None:
+    with pytest.raises(PartitionError, match=message):
+        _setup(LitCNN(), devices=3, partition=partition)
+
+
+def test_bipartition_needs_a_block_more_than_stages() -> None:
+    with pytest.raises(PartitionError, match=r"partition='bipartition' with 2 stages needs more than 2 blocks.*has 2"):
+        _setup(Tiny(), devices=2, partition="bipartition")
 
 
 class TupleOutput(LitCNN):
