@@ -11,11 +11,13 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any
 
+from lightning_cmp.bench.bipartition import tables_from_json as bipartition_tables
 from lightning_cmp.bench.microbatches import tables_from_json
 from lightning_cmp.schedule import SCHEDULES, lower, render, simulate
 
 # <!-- timetable schedule=cmp num_stages=4 -->  and  <!-- makespans num_stages=2,3,4 -->
 _MICROBATCHES = re.compile(r"<!--\s*microbatches\s+json=(\S+)\s*-->")
+_BIPARTITION = re.compile(r"<!--\s*bipartition\s+json=(\S+)\s*-->")
 _TIMETABLE = re.compile(r"<!--\s*timetable\s+schedule=(\w+)\s+num_stages=(\d+)(?:\s+num_microbatches=(\d+))?\s*-->")
 _MAKESPANS = re.compile(r"<!--\s*makespans\s+num_stages=([\d,]+)\s*-->")
 # <!-- output --> after a ```python block: what the page's blocks printed since the previous marker
@@ -92,4 +94,5 @@ def on_page_markdown(markdown: str, page: Any = None, **kwargs: Any) -> str:
     markdown = _TIMETABLE.sub(lambda m: timetable_block(m[1], int(m[2]), int(m[3]) if m[3] else None), markdown)
     markdown = _MAKESPANS.sub(lambda m: makespan_table([int(k) for k in m[1].split(",")]), markdown)
     markdown = _MICROBATCHES.sub(lambda m: tables_from_json(m[1]), markdown)
+    markdown = _BIPARTITION.sub(lambda m: bipartition_tables(m[1]), markdown)
     return with_outputs(markdown, name)

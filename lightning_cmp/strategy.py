@@ -455,17 +455,12 @@ class CMPStrategy(ParallelStrategy):
         world = self.world_size
         comm = self._comm or Comm.world(self.global_rank, self.root_device)
         # The same cuts and per-stage costs (what an interleaved schedule orders its microbatches for) everywhere.
-        plan = plan_partition(self.partition, self._chain, x, comm)
+        plan = plan_partition(self.partition, self._chain, x, comm, self.schedule, self.num_microbatches)
+        where = f"at blocks {plan.cuts}"
         if plan.forward_cuts != plan.cuts:
-            log.info(
-                "lightning_cmp: %s split into %d stages: forward cut at blocks %s, backward at %s",
-                self._chain.name,
-                world,
-                plan.forward_cuts,
-                plan.cuts,
-            )
-        else:
-            log.info("lightning_cmp: %s split into %d stages at blocks %s", self._chain.name, world, plan.cuts)
+            where = f"forward at blocks {plan.forward_cuts}, backward at {plan.cuts}"
+        note = f" ({plan.note})" if plan.note else ""
+        log.info("lightning_cmp: %s split into %d stages %s%s", self._chain.name, world, where, note)
         seed = _base_seed()
         split_state = self._pending_split_state()
         pipeline = Pipeline(

@@ -147,6 +147,10 @@ def test_command_line_overrides_the_strategy() -> None:
     cli = make_cli([f"--config={recipe}", *overrides], run=False)
     assert isinstance(cli.trainer.strategy, lightning_cmp.CMPStrategy)
     assert (cli.trainer.strategy.num_stages, cli.trainer.strategy.partition) == (3, "uniform")
+    for partition, expected in (("bipartition", "bipartition"), ("{forward: [6], backward: [5]}", None)):
+        cli = make_cli([f"--config={recipe}", f"--trainer.strategy.init_args.partition={partition}"], run=False)
+        got = cli.trainer.strategy.partition  # type: ignore[attr-defined]
+        assert got == (expected or {"forward": [6], "backward": [5]}), got
     by_name = make_cli(["--trainer.strategy=mp", "--trainer.devices=2", "--trainer.accelerator=cpu"], run=False)
     assert isinstance(by_name.trainer.strategy, lightning_cmp.CMPStrategy) and by_name.trainer.strategy.schedule == "mp"
     by_class = make_cli(["--trainer.strategy=CMPStrategy", "--trainer.strategy.init_args.num_stages=2"], run=False)

@@ -472,7 +472,7 @@ def _point_to_point(rank: int, world: int, device: torch.device, note: Note) -> 
     return (False, "; ".join(problems)) if problems else (True, detail)
 
 
-def _pipeline(comm: Any, device: torch.device, schedule: str, microbatches: int, note: Note) -> Outcome:
+def _pipeline(comm: Any, device: torch.device, schedule: str, microbatches: int, note: Note, shift: int = 0) -> Outcome:
     from lightning_cmp.partition import trace_chain, uniform_cuts
     from lightning_cmp.runtime import OptimizerLayout, Pipeline
 
@@ -481,9 +481,12 @@ def _pipeline(comm: Any, device: torch.device, schedule: str, microbatches: int,
     model = _mlp(device)
     chain = trace_chain(model)
     cuts = uniform_cuts(chain.num_blocks, comm.size) if comm.size > 1 else []
+    forward_cuts = [c + shift for c in cuts]  # Bi-Partition: the next stage's first blocks recorded and replayed
     note(f"Pipeline({schedule!r}) set-up")
     # shared_memory=False: the mirrors exchange through the process group, as ranks on GPUs always do.
-    pipe = Pipeline(chain, cuts, schedule, comm, num_microbatches=microbatches, shared_memory=False)
+    pipe = Pipeline(
+        chain, cuts, schedule, comm, num_microbatches=microbatches, shared_memory=False, forward_cuts=forward_cuts
+    )
     opt = _optimizer(model.parameters())
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
     note(f"{STEPS} SGD steps")
@@ -495,7 +498,8 @@ def _pipeline(comm: Any, device: torch.device, schedule: str, microbatches: int,
     weights, loss = _relative_error(state, ref_state), _loss_error(losses, ref_losses)
     ok = weights < TOLERANCE and loss < TOLERANCE
     detail = (
-        f"K={comm.size}, cuts {cuts}, {microbatches} microbatch(es), {STEPS} SGD steps on {device}: relative error "
+        f"K={comm.size}, cuts {cuts} (forward {forward_cuts}), {microbatches} microbatch(es), {STEPS} SGD steps on "
+        f"{device}: relative error "
         f"weights {weights:.1e}, losses {loss:.1e} (limit {TOLERANCE:g})"
     )
     return ok, detail
@@ -530,6 +534,13 @@ def _pipeline_gpipe(rank: int, world: int, device: torch.device, note: Note) -> 
     return _pipeline(Comm(list(range(world)), rank, device), device, "gpipe", 2, note)
 
 
+def _pipeline_bipartition(rank: int, world: int, device: torch.device, note: Note) -> Outcome:
+    """``gpipe`` with a Bi-Partition: a recorded forward sent and replayed on the device, the mirror's weights sent."""
+    from lightning_cmp.runtime.comm import Comm
+
+    return _pipeline(Comm(list(range(world)), rank, device), device, "gpipe", 2, note, shift=2)
+
+
 SCENARIOS: dict[str, Callable[[int, int, torch.device, Note], Outcome]] = {
     "gloo_collectives": _collectives,
     "gloo_point_to_point": _point_to_point,
@@ -537,6 +548,7 @@ SCENARIOS: dict[str, Callable[[int, int, torch.device, Note], Outcome]] = {
     "pipeline_cmp_k2": _pipeline_cmp,
     "pipeline_cmp_micro_k2": _pipeline_cmp_micro,
     "pipeline_gpipe_k2": _pipeline_gpipe,
+    "pipeline_bipartition_k2": _pipeline_bipartition,
 }
 
 

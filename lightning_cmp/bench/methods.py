@@ -52,10 +52,13 @@ METHODS: dict[str, Method] = {
 }
 
 
-def _ours(rank: int, world: int, model: nn.Module, method: Method, cuts: list[int]) -> tuple[StepFn, Pipeline]:
+def _ours(
+    rank: int, world: int, model: nn.Module, method: Method, cuts: list[int], forward_cuts: list[int] | None = None
+) -> tuple[StepFn, Pipeline]:
     schedule = "gpipe" if method.name.startswith("gpipe") else "cmp" if method.name.startswith("cmp") else method.name
     comm = Comm(list(range(world)), rank, torch.device("cpu"))
-    pipe = Pipeline(trace_chain(model), cuts, schedule, comm, num_microbatches=method.num_microbatches)
+    chain = trace_chain(model)
+    pipe = Pipeline(chain, cuts, schedule, comm, num_microbatches=method.num_microbatches, forward_cuts=forward_cuts)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
 
@@ -120,8 +123,11 @@ def run_method(
     repeats: int,
     batch_size: int,
     size: int,
+    forward_cuts: list[int] | None = None,
 ) -> dict[str, Any]:
     """Worker body: warm up one step, then ``repeats`` timed runs of ``steps`` steps; returns the measurements.
+
+    ``forward_cuts``: our schedules only, a Bi-Partition (``cuts`` being the backward cuts).
 
     Every rank returns its peak RSS and (our schedules) its per-step executor timings and compute fraction.
 
@@ -130,7 +136,7 @@ def run_method(
         ...             batch_size=16, size=16)  # doctest: +SKIP
     """
     spec = METHODS[method]
-    net = build(model)
+    net = build(model, size)
     net.train()
     pipe: Pipeline | None = None
     if method in ("single", "ddp"):
@@ -138,7 +144,7 @@ def run_method(
     elif method.startswith("pp_"):
         step = _torch_pipelining(rank, world, net, spec, cuts)
     else:
-        step, pipe = _ours(rank, world, net, spec, cuts)
+        step, pipe = _ours(rank, world, net, spec, cuts, forward_cuts)
     data = make_batches(steps + 1, batch_size, size)
     step(*data[0])  # warm-up
     seconds, compute, last_timings = [], [], []

@@ -46,7 +46,7 @@ from lightning_cmp.bench.project import block_costs, exchange_seconds_per_byte, 
 from lightning_cmp.bench.report import write_json
 from lightning_cmp.bench.torch_schedules import num_virtual_stages, simulate_order, torch_order
 from lightning_cmp.partition import resolve_cuts, stage_pass_costs, trace_chain
-from lightning_cmp.schedule import Costs, Placement, get_schedule, lower, simulate
+from lightning_cmp.schedule import get_schedule
 
 __all__ = ["main", "project", "tables", "tables_from_json"]
 
@@ -62,12 +62,8 @@ def _ours(name: str, k: int, n: int, costs: BlockCosts, batch: int, cuts: list[i
     spec = get_schedule(name)
     replicas = spec.num_replicas
     forward, backward = stage_pass_costs(costs[batch // (replicas * n)], cuts, replicas * n)
-    placement = Placement(k, replicas)
-    per_mb = spec.loss_per_microbatch(n)
     # ordered for the measured costs, as the strategy does with the balanced partition's profile
-    table = spec.timetable(k, n, placement, (forward, backward))
-    program = lower(table, placement, n, replicas == 2, per_mb)
-    result = simulate(program, placement, n, Costs(forward, backward, average=average))
+    result = spec.simulate(n, (forward, backward), average=average)
     return {
         "step_s": result.makespan,
         "peak_activations": max(result.peak_activations.values()),

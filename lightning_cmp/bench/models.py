@@ -51,13 +51,18 @@ def tiny(num_classes: int = 10) -> nn.Module:
 MODELS: dict[str, Callable[[], nn.Module]] = {"vgg": vgg16, "resnet18": resnet18, "tiny": tiny}
 
 
-def build(name: str) -> nn.Module:
-    """Model ``name`` with the same initial weights in every process.
+def build(name: str, size: int = 32) -> nn.Module:
+    """Model ``name`` with the same initial weights in every process; ``"torchvision:<name>"`` is a torchvision
+    classifier sized for ``size`` inputs with BatchNorm in training mode (`zoo.build`).
 
     Examples:
         >>> sum(p.numel() for p in build("tiny").parameters()) > 0
         True
     """
+    if name.startswith("torchvision:"):
+        from lightning_cmp.bench.zoo import build as build_torchvision
+
+        return build_torchvision(name.removeprefix("torchvision:"), size, train_batchnorm=True)
     torch.manual_seed(0)
     return MODELS[name]()
 

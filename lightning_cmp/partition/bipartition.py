@@ -42,6 +42,7 @@ __all__ = [
     "BlockCosts",
     "bipartition_cuts",
     "bipartition_loads",
+    "bipartition_pass_costs",
     "check_bipartition_cuts",
     "imbalance",
     "measured_costs",
@@ -161,6 +162,30 @@ def bipartition_loads(costs: BlockCosts, forward_cuts: Sequence[int], backward_c
             loads[fw] += f
             loads[bw] += b + costs.extra(block)
     return loads
+
+
+def bipartition_pass_costs(
+    costs: BlockCosts, forward_cuts: Sequence[int], backward_cuts: Sequence[int]
+) -> tuple[list[float], list[float]]:
+    """Each worker's (forward, backward) time under a Bi-Partition: the forwards of its forward range plus the
+    charges of the split blocks whose backward it runs (counted as forward time: the runtime replays a split
+    block during the forward), and the backwards of its backward range. Their sums are `bipartition_loads`.
+
+    Examples:
+        >>> costs = BlockCosts(forward=[1, 1, 1], backward=[2, 2, 2], move=[0.5] * 3, weight_sync=[0.0] * 3)
+        >>> bipartition_pass_costs(costs, [2], [1])
+        ([2.0, 1.5], [2.0, 4.0])
+    """
+    n, num_stages = costs.num_blocks, len(forward_cuts) + 1
+    forward_at, backward_at = _check_pair(forward_cuts, backward_cuts, n, num_stages, None)
+    forward, backward = [0.0] * num_stages, [0.0] * num_stages
+    for block, (f, b) in enumerate(zip(costs.forward, costs.backward, strict=True)):
+        fw, bw = bisect_right(forward_at, block), bisect_right(backward_at, block)
+        forward[fw] += f
+        backward[bw] += b
+        if fw != bw:
+            forward[bw] += costs.extra(block)
+    return forward, backward
 
 
 def imbalance(loads: Sequence[float]) -> float:

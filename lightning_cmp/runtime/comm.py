@@ -102,7 +102,7 @@ def _header(tensor: Tensor) -> Tensor:
     return torch.tensor(head, dtype=torch.int64, device=tensor.device)
 
 
-def _empty_from_header(head: Tensor, device: torch.device) -> Tensor:
+def _empty_from_header(head: Tensor, device: torch.device | str) -> Tensor:
     values = head.tolist()
     dtype, ndim = _DTYPES[values[0]], values[1]
     return torch.empty(values[2 : 2 + ndim], dtype=dtype, device=device)
@@ -175,15 +175,42 @@ class Comm:
         return out
 
     def send_list(self, tensors: Sequence[Tensor], peer: int, tag: int) -> None:
-        """Start sending a list of tensors (its length first) to group position ``peer``; see `recv_list`."""
-        self.send(torch.tensor([len(tensors)], dtype=torch.int64, device=self.device), peer, tag)
+        """Start sending a list of tensors to group position ``peer`` as two messages whatever its length: every
+        tensor's dtype and shape, then all their bytes in one buffer; see `recv_list`."""
+        head = [len(tensors)]
         for tensor in tensors:
-            self.send(tensor, peer, tag)
+            head += _header(tensor).tolist()
+        parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+        self.send(torch.tensor(head, dtype=torch.int64, device=self.device), peer, tag)
+        self.send(torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=self.device), peer, tag)
 
     def recv_list(self, peer: int, tag: int) -> list[Tensor]:
-        """Receive the next list `send_list` sent from group position ``peer`` with ``tag``."""
-        count = int(self.recv(peer, tag).item())
-        return [self.recv(peer, tag) for _ in range(count)]
+        """Receive the next list `send_list` sent from group position ``peer`` with ``tag`` (tensors of their own,
+        not views of the buffer they arrived in: autograd refuses in-place ops on views made without grad)."""
+        head, data = self.recv(peer, tag).tolist(), self.recv(peer, tag)
+        out, offset = [], 0
+        for i in range(head[0]):
+            template = _empty_from_header(torch.tensor(head[1 + i * _HEADER_LEN : 1 + (i + 1) * _HEADER_LEN]), "meta")
+            size = template.numel() * template.element_size()
+            out.append(data[offset : offset + size].view(template.dtype).view(template.shape).clone())
+            offset += size
+        return out
+
+    def isend_into_place(self, tensors: Sequence[Tensor], peer: int, tag: int) -> None:
+        """Start sending ``tensors`` to ``peer``, whose shapes and dtypes it knows (`irecv_into`); no header."""
+        dst = self.ranks[peer]
+        with self._with(peer):
+            for tensor in tensors:
+                tensor = tensor.detach().contiguous()
+                self._pending.append((dist.isend(tensor, dst, group=self.group, tag=tag), peer))
+                self._keep_alive.append(tensor)
+
+    def irecv_into(self, tensors: Sequence[Tensor], peer: int, tag: int) -> list[Any]:
+        """Start receiving what `isend_into_place` sends, in place into ``tensors`` (contiguous); wait on the works
+        returned with `wait`."""
+        src = self.ranks[peer]
+        with self._with(peer):
+            return [dist.irecv(t.detach(), src, group=self.group, tag=tag) for t in tensors]
 
     def exchange_into(self, tensor: Tensor, out: Tensor, peer: int, tag: int) -> list[Any]:
         """Start sending ``tensor`` to ``peer`` while receiving its same-shaped tensor into ``out``."""

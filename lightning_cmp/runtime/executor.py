@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -44,6 +45,8 @@ class Step:
     output_grad: Callable[[tuple[int, int], Tensor], Tensor] | None = None
     #: Bi-Partition: recordings of a stage's lead blocks, keyed (replica, stage that ran them, microbatch)
     recordings: dict[tuple[int, int, int], list[Tensor]] = field(default_factory=dict)
+    #: Bi-Partition: (receive works, peer) of the weights arriving into a (replica, stage)'s mirror this step
+    mirrors_arriving: dict[tuple[int, int], tuple[list[Any], int]] = field(default_factory=dict)
 
     def seed(self, replica: int, stage: int, microbatch: int) -> int | None:
         return None if self.seed_key is None else stage_seed(self.seed_key, replica, stage, microbatch)
@@ -111,6 +114,9 @@ class Executor:
         out = stage_copy.forward(acts, a.microbatch, x, step.training, seed, recording)
         step.produced[(_ACT_MSG, a.replica, a.stage, a.microbatch)] = out
         if step.training and stage_copy.tail is not None:
+            arriving = step.mirrors_arriving.pop((a.replica, a.stage), None)
+            if arriving is not None:  # the owner's current weights, sent at the start of the step
+                self.comm.wait(*arriving)
             next_seed = step.seed(a.replica, a.stage + 1, a.microbatch)
             step.recordings[(a.replica, a.stage, a.microbatch)] = stage_copy.run_tail(out, next_seed)
 

@@ -207,7 +207,7 @@ class Pipeline:
         self, x: Tensor, step_index: int | None = None, loss_fn: LossFn | None = None
     ) -> tuple[Tensor, Step]:
         step = self._new_step(x, training=True, step_index=step_index)
-        self._refresh_mirrors()
+        self._refresh_mirrors(step)
         if loss_fn is not None:
             step.output_grad = self._output_grad_fn(step, loss_fn)
         try:
@@ -356,32 +356,32 @@ class Pipeline:
         mirror = copy.deepcopy(original)  # its values come from the owner before every training step
         if has_meta(mirror):
             materialize(mirror, self.comm.device, seed)
+        for tensor in [*mirror.parameters(), *mirror.buffers()]:
+            tensor.data = tensor.data.contiguous()  # received in place (e.g. from channels_last weights)
         return mirror, original
 
     def _zone_names(self, stage: int) -> list[str]:
         params, buffers = self.chain.stage_state_names(*self._zone(stage))
         return [*params, *buffers]
 
-    def _refresh_mirrors(self) -> None:
-        """Before a training step: each owner of lead blocks sends their current weights and buffers to the rank
-        that runs their forward (point to point; a no-op without Bi-Partition)."""
+    def _refresh_mirrors(self, step: Step) -> None:
+        """At the start of a training step each owner of lead blocks starts sending their current weights and
+        buffers to the rank that runs their forward, straight into its mirror; that rank waits for them only
+        when it reaches the mirror (`Step.mirrors_arriving`), so the transfer overlaps its own stage's forward.
+        A no-op without Bi-Partition."""
         for (replica, stage), stage_copy in self.copies.items():
             if stage_copy.lead is not None:
                 tensors = [find_tensor(stage_copy.module, n) for n in self._zone_names(stage - 1)]
                 peer = self.placement.rank(replica, stage - 1)
-                self.comm.send_list(
-                    [t for t in tensors if t is not None], peer, message_tag(_MIRROR_MSG, replica, stage, 0)
-                )
+                tag = message_tag(_MIRROR_MSG, replica, stage, 0)
+                self.comm.isend_into_place([t for t in tensors if t is not None], peer, tag)
         for (replica, stage), stage_copy in self.copies.items():
             if stage_copy.tail is not None:
+                mirror = [find_tensor(stage_copy.tail[0], n) for n in self._zone_names(stage)]
                 peer = self.placement.rank(replica, stage + 1)
-                received = self.comm.recv_list(peer, message_tag(_MIRROR_MSG, replica, stage + 1, 0))
-                names = [n for n in self._zone_names(stage) if find_tensor(stage_copy.tail[0], n) is not None]
-                with torch.no_grad():
-                    for name, value in zip(names, received, strict=True):
-                        tensor = find_tensor(stage_copy.tail[0], name)
-                        assert tensor is not None
-                        tensor.copy_(value)
+                tag = message_tag(_MIRROR_MSG, replica, stage + 1, 0)
+                works = self.comm.irecv_into([t for t in mirror if t is not None], peer, tag)
+                step.mirrors_arriving[(replica, stage)] = (works, peer)
 
     def local_parameters(self) -> list[nn.Parameter]:
         return [p for c in self.copies.values() for p in c.parameters()]

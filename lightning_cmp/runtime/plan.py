@@ -15,6 +15,7 @@ from lightning_cmp.partition import (
     BlockCosts,
     Chain,
     bipartition_cuts,
+    bipartition_pass_costs,
     check_bipartition_cuts,
     measured_costs,
     profile_blocks,
@@ -24,6 +25,7 @@ from lightning_cmp.partition import (
 from lightning_cmp.partition.solver import POLICIES
 from lightning_cmp.runtime.comm import Comm, message_tag
 from lightning_cmp.runtime.replay import profile_replay
+from lightning_cmp.schedule import get_schedule
 
 __all__ = ["PARTITIONS", "Partition", "Plan", "check_partition", "plan_partition"]
 
@@ -45,6 +47,7 @@ class Plan:
     forward_cuts: list[int]
     stage_costs: tuple[list[float], list[float]] | None = None
     costs: BlockCosts | None = None
+    note: str = ""  # why these cuts, for the log
 
 
 def check_partition(partition: Partition, chain: Chain, num_stages: int) -> None:
@@ -82,55 +85,58 @@ def _explicit_pair(partition: Mapping[str, Sequence[int]]) -> tuple[list[int], l
         ) from err
 
 
-def plan_partition(partition: Partition, chain: Chain, x: Tensor, comm: Comm) -> Plan:
+def plan_partition(
+    partition: Partition, chain: Chain, x: Tensor, comm: Comm, schedule: str = "mp", num_microbatches: int = 1
+) -> Plan:
     """The cuts for ``partition`` (a collective): profiled on ``x`` by rank 0 where a policy needs costs, then
-    broadcast, so every rank builds the same stages and the same schedule order."""
+    broadcast, so every rank builds the same stages and the same schedule order.
+
+    ``"bipartition"`` keeps its separate cuts only when ``schedule`` at ``num_microbatches``, simulated with the
+    measured costs, runs a step faster with them than with layer-wise balanced cuts: evening out each worker's
+    forward + backward is what a 1F1B steady state needs, but ``mp`` runs one stage at a time (the split's
+    charges only add), GPipe's fill and drain wait on the slowest forward and the slowest backward separately,
+    and ``cmp``'s mirrored replicas already give every worker the same work at even K.
+    """
     num_stages = comm.size
     per_byte = seconds_per_byte(comm) if partition == "bipartition" else None
     plan = None
     if comm.me == 0:
-        plan = _plan(partition, chain, x, num_stages, per_byte)
+        plan = _plan(partition, chain, x, num_stages, per_byte, schedule, num_microbatches)
     result: Plan = comm.broadcast_object(plan, 0)
     return result
 
 
-def _plan(partition: Partition, chain: Chain, x: Tensor, num_stages: int, per_byte: float | None) -> Plan:
+def _plan(
+    partition: Partition,
+    chain: Chain,
+    x: Tensor,
+    num_stages: int,
+    per_byte: float | None,
+    schedule: str,
+    num_microbatches: int,
+) -> Plan:
     forbidden = chain.forbidden_cuts()
     if isinstance(partition, Mapping):
         forward, backward = _explicit_pair(partition)
-        return Plan(backward, forward)
+        return Plan(backward, forward, note="explicit Bi-Partition")
     if partition == "bipartition":
         assert per_byte is not None
         costs = measured_costs(profile_blocks(chain, x), profile_replay(chain, x), per_byte)
         forward, backward = bipartition_cuts(costs, num_stages, forbidden, forward_ahead=True)
-        return Plan(backward, forward, bipartition_pass_costs(costs, forward, backward), costs)
+        both = [f + b for f, b in zip(costs.forward, costs.backward, strict=True)]
+        layered = resolve_cuts("balanced", chain.num_blocks, num_stages, both, forbidden)
+        spec = get_schedule(schedule)
+        split, plain = bipartition_pass_costs(costs, forward, backward), bipartition_pass_costs(costs, layered, layered)
+        split_s = spec.simulate(num_microbatches, split).makespan
+        plain_s = spec.simulate(num_microbatches, plain).makespan
+        times = f"simulated step {split_s:.4g} s with separate cuts, {plain_s:.4g} s with layer-wise balanced cuts"
+        if forward != backward and split_s < plain_s:
+            return Plan(backward, forward, split, costs, f"bipartition: {times}")
+        return Plan(layered, layered, plain, costs, f"bipartition kept layer-wise cuts for {schedule}: {times}")
     blocks = profile_blocks(chain, x) if partition == "balanced" else None
     costs_per_block = [f + b for f, b in blocks] if blocks is not None else None
     cuts = resolve_cuts(partition, chain.num_blocks, num_stages, costs_per_block, forbidden)
     return Plan(cuts, cuts, stage_pass_costs(blocks, cuts) if blocks is not None else None)
-
-
-def bipartition_pass_costs(
-    costs: BlockCosts, forward_cuts: Sequence[int], backward_cuts: Sequence[int]
-) -> tuple[list[float], list[float]]:
-    """Each worker's (forward, backward) time under a Bi-Partition: the forwards of its forward range plus the
-    replays it makes (charged to its forward, where they run), the backwards of its backward range.
-
-    Examples:
-        >>> costs = BlockCosts(forward=[1, 1, 1], backward=[2, 2, 2], move=[0.5] * 3, weight_sync=[0.0] * 3)
-        >>> bipartition_pass_costs(costs, [2], [1])
-        ([2.0, 1.5], [2.0, 4.0])
-    """
-    num_stages = len(forward_cuts) + 1
-    fw_bounds = [0, *forward_cuts, costs.num_blocks]
-    bw_bounds = [0, *backward_cuts, costs.num_blocks]
-    forward, backward = [0.0] * num_stages, [0.0] * num_stages
-    for w in range(num_stages):
-        forward[w] = sum(costs.forward[fw_bounds[w] : fw_bounds[w + 1]])
-        backward[w] = sum(costs.backward[bw_bounds[w] : bw_bounds[w + 1]])
-        lead = range(bw_bounds[w], max(bw_bounds[w], min(fw_bounds[w], bw_bounds[w + 1])))
-        forward[w] += sum(costs.extra(block) for block in lead)
-    return forward, backward
 
 
 def seconds_per_byte(comm: Comm, nbytes: int = 4 << 20, repeats: int = 3) -> float | None:

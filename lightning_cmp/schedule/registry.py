@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from lightning_cmp.errors import unknown_name
 from lightning_cmp.schedule.cmp import cmp
@@ -12,6 +13,9 @@ from lightning_cmp.schedule.gpipe import gpipe
 from lightning_cmp.schedule.mp import mp
 from lightning_cmp.schedule.placement import Placement
 from lightning_cmp.schedule.timetable import Schedule, StageCosts, Timetable
+
+if TYPE_CHECKING:
+    from lightning_cmp.schedule.simulate import SimResult
 
 __all__ = ["SCHEDULES", "ScheduleSpec", "get_schedule"]
 
@@ -52,6 +56,28 @@ class ScheduleSpec:
     def placement(self, num_stages: int) -> Placement:
         """The placement this schedule runs on with ``num_stages`` ranks."""
         return Placement(num_stages, self.num_replicas)
+
+    def simulate(
+        self, num_microbatches: int, stage_costs: StageCosts, average: float = 0.0, ordered: bool = True
+    ) -> SimResult:
+        """One step simulated from per-stage whole-batch (forward, backward) times, as the runtime would run it:
+        ordered for those costs where the order depends on them (unless ``ordered`` is False), lowered, then
+        timed; ``average``: the time of one stage's copy averaging.
+
+        Examples:
+            >>> get_schedule("mp").simulate(1, ([1.0, 1.0], [2.0, 2.0])).makespan
+            6.0
+        """
+        from lightning_cmp.schedule.lower import lower
+        from lightning_cmp.schedule.simulate import Costs, simulate
+
+        forward, backward = stage_costs
+        placement = self.placement(len(forward))
+        table = self.timetable(len(forward), num_microbatches, placement, stage_costs if ordered else None)
+        program = lower(
+            table, placement, num_microbatches, self.num_replicas == 2, self.loss_per_microbatch(num_microbatches)
+        )
+        return simulate(program, placement, num_microbatches, Costs(forward, backward, average=average))
 
 
 #: Adding a schedule is one entry here.

@@ -151,7 +151,7 @@ def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
     devices = cfg["devices"]
     timeout = timedelta(seconds=cfg["timeout"]) if "timeout" in cfg else lightning_cmp.strategy.DEFAULT_TIMEOUT
     strategy = lightning_cmp.CMPStrategy(
-        averaging=run.get("averaging", "gradient"), partition="uniform", timeout=timeout
+        averaging=run.get("averaging", "gradient"), partition=run.get("partition", "uniform"), timeout=timeout
     )
     copies, start = Copies(), Start()
     folder = out / run.get("resume", run["name"])

@@ -14,6 +14,9 @@ from tests.strategy.test_trainer import assert_states_close, single_device
 EPOCHS = 3
 # The job dies at the third batch of the last epoch, after last.ckpt was written at the end of epoch 2.
 KILL = {"rank": 0, "epoch": EPOCHS - 1, "batch": 2, "how": "killpg"}
+# The parameter-averaging runs also split blocks between workers (Bi-Partition): checkpoints are unchanged and
+# the forward workers' copies of the split blocks are refreshed from the restored weights.
+BIPARTITION = {2: {"forward": [5], "backward": [4]}, 3: {"forward": [4, 7], "backward": [3, 6]}}
 
 
 def _launch(tmp_path: Path, devices: int, runs: list[dict]) -> tuple[int, list[dict]]:
@@ -36,7 +39,13 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(tmp_path: Path, devices
     good = (tmp_path / "gradient" / "last.ckpt").read_bytes()
     runs = [
         {"name": "gradient-resumed", "epochs": EPOCHS, "resume": "gradient"},
-        {"name": "parameter", "averaging": "parameter", "epochs": EPOCHS, "kill": KILL},
+        {
+            "name": "parameter",
+            "averaging": "parameter",
+            "epochs": EPOCHS,
+            "kill": KILL,
+            "partition": BIPARTITION[devices],
+        },
     ]
     code, resumed_gradient = _launch(tmp_path, devices, runs)
     assert code == -9
@@ -44,7 +53,17 @@ def test_killed_job_resumes_to_the_uninterrupted_weights(tmp_path: Path, devices
     ckpt = torch.load(tmp_path / "parameter" / "last.ckpt", weights_only=False)
     assert ckpt["epoch"] == EPOCHS - 2 and ckpt["global_step"] == 5 * (EPOCHS - 1)
     code, resumed_parameter = _launch(
-        tmp_path, devices, [{"name": "p-resumed", "averaging": "parameter", "epochs": EPOCHS, "resume": "parameter"}]
+        tmp_path,
+        devices,
+        [
+            {
+                "name": "p-resumed",
+                "averaging": "parameter",
+                "epochs": EPOCHS,
+                "resume": "parameter",
+                "partition": BIPARTITION[devices],
+            }
+        ],
     )
     assert code == 0
     # With average_every=1 both averaging modes follow single-device SGD (momentum included), so one

@@ -93,8 +93,14 @@ def _train(
     }
 
 
+def _cases(world: int) -> list[tuple]:
+    """The cases run with ``world`` workers: the Bi-Partition ones at K = 2 and 3 (what its issue asks; K = 4
+    adds minutes to CI and no new path)."""
+    return [case for case in CASES if len(case) < 6 or world <= 3]
+
+
 def _all_cases(rank: int, world: int) -> list[dict]:
-    return [_train(rank, world, *case) for case in CASES]
+    return [_train(rank, world, *case) for case in _cases(world)]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +115,7 @@ def _relative_error(state: dict, ref: dict) -> float:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_weights_and_losses_equal_single_process(world: int, references: dict) -> None:
     results = run_workers(_all_cases, world, timeout=240)
-    for index, (model_name, schedule, averaging, shared_memory, *rest) in enumerate(CASES):
+    for index, (model_name, schedule, averaging, shared_memory, *rest) in enumerate(_cases(world)):
         ref_state, ref_losses = references[model_name]
         shift = rest[1] if len(rest) > 1 else 0
         for rank, per_rank in enumerate(results):
