@@ -148,7 +148,7 @@ def profile_replay(chain: Chain, example_input: Tensor, repeats: int = 3) -> lis
     *Replay seconds*: the median time to rebuild the block's graph under `Replayer` from a local recording
     (the ops it redoes plus dispatch overhead; moving the recording is not included). *Recorded bytes*: what the
     forward worker sends. *Weight bytes*: the block's parameters and floating-point buffers, sent to the forward
-    worker after each optimizer step. Buffers, gradients and the random stream are left as they were.
+    worker's mirror at the start of every training step. Buffers, gradients and the random stream are left as they were.
 
     Examples:
         >>> from lightning_cmp.partition import trace_chain
