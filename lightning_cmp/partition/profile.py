@@ -39,14 +39,14 @@ def profile_blocks(chain: Chain, example_input: Tensor, repeats: int = 3) -> lis
         x = example_input.clone()
         timings = []
         for block in range(chain.num_blocks):
-            stage = _runnable(chain.stage_module(block, block + 1), example_input.device)
+            stage = runnable(chain.stage_module(block, block + 1), example_input.device)
             runs = [_time_block(stage, x) for _ in range(repeats + 1)][1:]
             timings.append((statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)))
             x = runs[-1][2]
     return timings
 
 
-def _runnable(stage: nn.Module, device: torch.device) -> nn.Module:
+def runnable(stage: nn.Module, device: torch.device) -> nn.Module:
     """``stage`` itself, or a materialised copy of it when its tensors are still on the meta device."""
     if not has_meta(stage):
         return stage
@@ -58,17 +58,17 @@ def _runnable(stage: nn.Module, device: torch.device) -> nn.Module:
 def _time_block(stage: nn.Module, x: Tensor) -> tuple[float, float, Tensor]:
     """One forward and backward of ``stage`` on a fresh leaf copy of ``x``; returns both times and the output."""
     inp = x.detach().requires_grad_(x.is_floating_point())
-    start = _now(x)
+    start = now(x)
     out = stage(inp)
-    forward = _now(x) - start
+    forward = now(x) - start
     if not out.requires_grad:
         return forward, 0.0, out.detach()
-    start = _now(x)
+    start = now(x)
     torch.autograd.backward(out, grad_tensors=torch.ones_like(out))
-    return forward, _now(x) - start, out.detach()
+    return forward, now(x) - start, out.detach()
 
 
-def _now(x: Tensor) -> float:
+def now(x: Tensor) -> float:
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
     return time.perf_counter()

@@ -32,9 +32,7 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,8 +43,7 @@ from torch.utils._pytree import tree_map_only
 
 from lightning_cmp.errors import CMPConfigError
 from lightning_cmp.partition.chain import Chain
-from lightning_cmp.partition.materialize import has_meta, materialize
-from lightning_cmp.partition.profile import restored
+from lightning_cmp.partition.profile import now, restored, runnable
 
 __all__ = ["HEAVY", "Recorder", "Replayer", "profile_replay", "record"]
 
@@ -162,20 +159,17 @@ def profile_replay(chain: Chain, example_input: Tensor, repeats: int = 3) -> lis
     with torch.inference_mode(False), torch.enable_grad(), restored(chain.root, example_input.device):
         x = example_input.clone()
         for block in range(chain.num_blocks):
-            stage = chain.stage_module(block, block + 1)
-            if has_meta(stage):
-                stage = copy.deepcopy(stage)
-                materialize(stage, example_input.device)
+            stage = runnable(chain.stage_module(block, block + 1), example_input.device)
             inp = x.detach().requires_grad_(x.is_floating_point())
             with Recorder() as rec:
                 out = stage(inp.clone() if inp.requires_grad else inp)
             times = []
             for _ in range(repeats + 1):
                 replayer = Replayer(rec.outputs)
-                start = _now(x)
+                start = now(x)
                 with replayer:
                     stage(inp.clone() if inp.requires_grad else inp)
-                times.append(_now(x) - start)
+                times.append(now(x) - start)
                 replayer.finish()
             recorded = sum(t.numel() * t.element_size() for t in rec.outputs)
             weights = sum(
@@ -184,12 +178,6 @@ def profile_replay(chain: Chain, example_input: Tensor, repeats: int = 3) -> lis
             results.append((statistics.median(times[1:]), recorded, weights))
             x = out.detach()
     return results
-
-
-def _now(x: Tensor) -> float:
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    return time.perf_counter()
 
 
 def record(module: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
