@@ -26,6 +26,8 @@ __all__ = ["LossFn", "Pipeline"]
 
 AVERAGING = ("gradient", "parameter")
 _MIRROR_MSG = 8  # message kind: the weights of a stage's lead blocks, sent to the worker that runs their forward
+#: the tensors of one mirror refresh message, its peer and its tag
+_MirrorMessage = tuple[list[Tensor], int, int]
 
 #: ``loss_fn(rows, output)``: the caller's (mean-reduced) loss of the batch rows ``rows`` given their ``output``.
 LossFn = Callable[[slice, Tensor], Tensor]
@@ -113,6 +115,7 @@ class Pipeline:
         # Tensors no stage uses (an unused branch) stay on every rank; one built on the meta device gets memory.
         materialize(chain.root, comm.device, seed, self._unstaged_names())
         self.copies = self._build_copies(seed)
+        self._mirror_sends, self._mirror_receives = self._mirror_messages()
         averager = Averager(comm, self.copies, bucket_bytes, shared_memory and spec.num_replicas == 2)
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
@@ -360,6 +363,24 @@ class Pipeline:
             tensor.data = tensor.data.contiguous()  # received in place (e.g. from channels_last weights)
         return mirror, original
 
+    def _mirror_messages(self) -> tuple[list[_MirrorMessage], dict[tuple[int, int], _MirrorMessage]]:
+        """The tensors each mirror refresh sends (this rank owns lead blocks) and receives (this rank runs a tail),
+        with peer and tag; found once by name, the same Python objects every step."""
+        sends, receives = [], {}
+        for (replica, stage), stage_copy in self.copies.items():
+            if stage_copy.lead is not None:
+                names = self._zone_names(stage - 1)
+                tensors = [t for n in names if (t := find_tensor(stage_copy.module, n)) is not None]
+                sends.append(
+                    (tensors, self.placement.rank(replica, stage - 1), message_tag(_MIRROR_MSG, replica, stage, 0))
+                )
+            if stage_copy.tail is not None:
+                names = self._zone_names(stage)
+                tensors = [t for n in names if (t := find_tensor(stage_copy.tail[0], n)) is not None]
+                peer, tag = self.placement.rank(replica, stage + 1), message_tag(_MIRROR_MSG, replica, stage + 1, 0)
+                receives[(replica, stage)] = (tensors, peer, tag)
+        return sends, receives
+
     def _zone_names(self, stage: int) -> list[str]:
         params, buffers = self.chain.stage_state_names(*self._zone(stage))
         return [*params, *buffers]
@@ -369,19 +390,10 @@ class Pipeline:
         buffers to the rank that runs their forward, straight into its mirror; that rank waits for them only
         when it reaches the mirror (`Step.mirrors_arriving`), so the transfer overlaps its own stage's forward.
         A no-op without Bi-Partition."""
-        for (replica, stage), stage_copy in self.copies.items():
-            if stage_copy.lead is not None:
-                tensors = [find_tensor(stage_copy.module, n) for n in self._zone_names(stage - 1)]
-                peer = self.placement.rank(replica, stage - 1)
-                tag = message_tag(_MIRROR_MSG, replica, stage, 0)
-                self.comm.isend_into_place([t for t in tensors if t is not None], peer, tag)
-        for (replica, stage), stage_copy in self.copies.items():
-            if stage_copy.tail is not None:
-                mirror = [find_tensor(stage_copy.tail[0], n) for n in self._zone_names(stage)]
-                peer = self.placement.rank(replica, stage + 1)
-                tag = message_tag(_MIRROR_MSG, replica, stage + 1, 0)
-                works = self.comm.irecv_into([t for t in mirror if t is not None], peer, tag)
-                step.mirrors_arriving[(replica, stage)] = (works, peer)
+        for tensors, peer, tag in self._mirror_sends:
+            self.comm.isend_into_place(tensors, peer, tag)
+        for key, (tensors, peer, tag) in self._mirror_receives.items():
+            step.mirrors_arriving[key] = (self.comm.irecv_into(tensors, peer, tag), peer)
 
     def local_parameters(self) -> list[nn.Parameter]:
         return [p for c in self.copies.values() for p in c.parameters()]
