@@ -40,6 +40,7 @@ from lightning_cmp.microbatch import MicrobatchLoss
 from lightning_cmp.partition import Chain, trace_chain
 from lightning_cmp.partition.materialize import materialize
 from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
+from lightning_cmp.runtime.asynchronous import AsyncPipeline
 from lightning_cmp.runtime.comm import peers_lost
 from lightning_cmp.runtime.liveness import stop_processes
 from lightning_cmp.runtime.memory import WorkerBytes, worker_bytes
@@ -48,6 +49,7 @@ from lightning_cmp.runtime.scaler import agree_on_overflow
 from lightning_cmp.runtime.state import fill, find_tensor
 from lightning_cmp.runtime.stream import serve, write_streamed
 from lightning_cmp.runtime.trace import write_trace
+from lightning_cmp.runtime.weights import check_predictable
 from lightning_cmp.schedule import SCHEDULES, get_schedule
 
 __all__ = ["CMPStrategy"]
@@ -110,8 +112,11 @@ class CMPStrategy(ParallelStrategy):
 
     Args:
         num_stages: stages the model is cut into; defaults to the number of workers (must equal it for now).
-        schedule: ``"cmp"`` (two reversed replicas), ``"mp"`` (plain model parallel baseline) or ``"gpipe"``
-            (one replica, ``num_microbatches`` microbatches, fill then drain).
+        schedule: ``"cmp"`` (two reversed replicas), ``"mp"`` (plain model parallel baseline), ``"gpipe"``
+            (one replica, ``num_microbatches`` microbatches, fill then drain), or an asynchronous 1F1B pipeline on
+            whole mini-batches with per-stage updates: ``"spectrain"`` (weights predicted from the momentum),
+            ``"pipedream"`` (weight stashing) or ``"async"`` (stale weights); see the "Asynchronous pipelines"
+            page.
         partition: ``"balanced"`` (profile blocks on the first batch, minimise the slowest stage),
             ``"uniform"`` (equal block counts), ``"bipartition"`` (separate forward and backward cuts that even
             out the workers' loads, from costs measured on the first batch; see the "Bi-Partition" page),
@@ -149,7 +154,7 @@ class CMPStrategy(ParallelStrategy):
 
     Examples:
         >>> import lightning as L
-        >>> import lightning_cmp  # registers "cmp", "mp" and "gpipe"
+        >>> import lightning_cmp  # registers "cmp", "mp", "gpipe", "spectrain", "pipedream" and "async"
         >>> strategy = lightning_cmp.CMPStrategy(partition=[5], module="net")
         >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1)  # doctest: +SKIP
         >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cmp", max_epochs=1)  # doctest: +SKIP
@@ -215,6 +220,9 @@ class CMPStrategy(ParallelStrategy):
         self._inject_sampler: bool | None = None
         self._step_call: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # training_step's arguments, in it
         self._microbatch_loss: MicrobatchLoss | None = None  # this step's, with a loss per microbatch
+        # Asynchronous schedules: each step's learning rates since the pipeline filled (a mini-batch's update
+        # applies the rates of the step that fed it, as on one device)
+        self._lr_history: list[list[float]] = []
         self.keep_split = keep_split
         # A checkpoint restored before the pipeline exists: applied to each rank's own stages when it is built.
         self._pending_state: Mapping[str, Tensor] | None = None
@@ -378,7 +386,39 @@ class CMPStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+            if get_schedule(self.schedule).asynchronous:
+                self._check_asynchronous(trainer)
         self._patch(module)
+
+    def _check_asynchronous(self, trainer: Trainer) -> None:
+        """What an asynchronous schedule (stages updated one mini-batch at a time) cannot keep single-device
+        meaning for, refused before training with the fix."""
+        name = self.schedule
+        problems = []
+        if self.num_microbatches != 1:
+            problems.append(f"num_microbatches={self.num_microbatches}: it trains on whole mini-batches; use 1")
+        if self.partition == "bipartition" or isinstance(self.partition, Mapping):
+            problems.append(f"partition={self.partition!r}: use 'balanced', 'uniform' or explicit cut indices")
+        if trainer.accumulate_grad_batches != 1:
+            problems.append(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: each stage steps after every "
+                "mini-batch's backward; use a larger batch instead"
+            )
+        if trainer.gradient_clip_val:
+            problems.append(
+                f"gradient_clip_val={trainer.gradient_clip_val}: the stages' gradients of one step belong to different "
+                "mini-batches, so there is no whole-model norm to clip by; remove it or use schedule='cmp'"
+            )
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            problems.append(
+                "precision='16-mixed': its loss scaler skips steps as a whole, which stages updated one by one "
+                "cannot agree on; use precision='bf16-mixed' or '32-true'"
+            )
+        if problems:
+            raise CMPConfigError(f"strategy={name!r} cannot run with " + "; ".join(problems))
+        if get_schedule(name).weights == "predict":
+            for optimizer in self.optimizers:
+                check_predictable(_unwrap(optimizer))
 
     def _trace(self, module: LightningModule) -> None:
         target = _submodule(module, self.module_name) if self.module_name else module
@@ -463,6 +503,8 @@ class CMPStrategy(ParallelStrategy):
         log.info("lightning_cmp: %s split into %d stages %s%s", self._chain.name, world, where, note)
         seed = _base_seed()
         split_state = self._pending_split_state()
+        if get_schedule(self.schedule).asynchronous:
+            return self._finish_pipeline(AsyncPipeline(self._chain, plan.cuts, self.schedule, comm, seed, split_state))
         pipeline = Pipeline(
             self._chain,
             plan.cuts,
@@ -478,6 +520,12 @@ class CMPStrategy(ParallelStrategy):
         scaler = getattr(self.precision_plugin, "scaler", None)
         if isinstance(scaler, torch.amp.GradScaler):  # the microbatch losses are scaled like Lightning's loss
             pipeline.loss_scale = scaler.scale
+        return self._finish_pipeline(pipeline)
+
+    def _finish_pipeline(self, pipeline: Pipeline) -> Pipeline:
+        """The rest of the module's values, and the optimizers narrowed to this rank's stages (state restored)."""
+        assert self._chain is not None
+        seed = _base_seed()
         self._materialize_rest(seed)
         names = {id(p): n for n, p in self._chain.root.named_parameters()}
         self._layouts = [OptimizerLayout(_unwrap(opt), names) for opt in self.optimizers]
@@ -487,6 +535,9 @@ class CMPStrategy(ParallelStrategy):
             for layout, saved in zip(self._layouts, self._pending_optimizer_states, strict=False):
                 layout.load_full_state_dict(saved, pipeline)
         self._pending_state, self._pending_optimizer_states = None, None
+        if isinstance(pipeline, AsyncPipeline):
+            for layout in self._layouts:
+                pipeline.attach_optimizer(layout.optimizer)
         return pipeline
 
     def _pending_split_state(self) -> dict[str, Tensor] | None:
@@ -567,6 +618,8 @@ class CMPStrategy(ParallelStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        if get_schedule(self.schedule).asynchronous:
+            return self._asynchronous_step(optimizer, closure, model, **kwargs)
         result = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._optimizer_steps += 1
         if self.averaging == "parameter" and self._optimizer_steps % self.average_every == 0:
@@ -575,8 +628,61 @@ class CMPStrategy(ParallelStrategy):
             self._check_copies(f"after optimizer step {self._optimizer_steps}")
         return result
 
+    def _asynchronous_step(self, optimizer: Any, closure: Callable[[], Any], model: Any, **kwargs: Any) -> Any:
+        """Lightning's step of an asynchronous schedule: the gradient on this rank belongs to the mini-batch fed
+        ``K - k - 1`` steps ago, so it is applied with that step's learning rates; the pipeline is drained after the
+        last batch of an epoch and at ``max_steps``."""
+        inner = _unwrap(optimizer)
+        now = _learning_rates(inner)
+        slot = len(self._lr_history)
+        self._lr_history.append(now)
+
+        def closure_at_batch_rates() -> Any:
+            result = closure()
+            pipeline = self._pipeline
+            if isinstance(pipeline, AsyncPipeline):
+                batch = slot - (pipeline.num_stages - pipeline.comm.me - 1)
+                if batch >= 0:
+                    _set_learning_rates(inner, self._lr_history[batch])
+            return result
+
+        try:
+            result = super().optimizer_step(optimizer, closure_at_batch_rates, model, **kwargs)
+        finally:
+            _set_learning_rates(inner, now)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None:
+            last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            if last or (trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps):
+                self._drain()
+        return result
+
+    def _drain(self) -> None:
+        """Finish every mini-batch an asynchronous pipeline has in flight, each update at its step's learning
+        rates (a collective: every rank drains at the same points)."""
+        pipeline = self._pipeline
+        if not isinstance(pipeline, AsyncPipeline) or pipeline.fed == 0:
+            self._lr_history = []
+            return
+        optimizers = [_unwrap(opt) for opt in self.optimizers]
+        now = [_learning_rates(opt) for opt in optimizers]
+
+        def update(batch: int) -> None:
+            for opt in optimizers:
+                _set_learning_rates(opt, self._lr_history[batch])
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        try:
+            pipeline.drain(update)
+        finally:
+            for opt, rates in zip(optimizers, now, strict=True):
+                _set_learning_rates(opt, rates)
+        self._lr_history = []
+
     @override
     def on_train_end(self) -> None:
+        self._drain()
         if self.averaging == "gradient":
             self._check_copies("at the end of fit")
 
@@ -591,14 +697,17 @@ class CMPStrategy(ParallelStrategy):
 
     @override
     def on_validation_start(self) -> None:
+        self._drain()
         self._average_parameters()
 
     @override
     def on_test_start(self) -> None:
+        self._drain()
         self._average_parameters()
 
     @override
     def on_predict_start(self) -> None:
+        self._drain()
         self._average_parameters()
 
     # -- collectives for Lightning ------------------------------------------------------------------------
@@ -640,6 +749,7 @@ class CMPStrategy(ParallelStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         module = self.lightning_module
         assert module is not None
+        self._drain()  # a checkpoint holds no mini-batch in flight: resuming from it is exact
         state = module.state_dict()
         if self._pipeline is None:
             return state
@@ -819,6 +929,15 @@ def _check_unscaling(optimizers: list[Optimizer]) -> None:
 
 def _unwrap(optimizer: Any) -> Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
+
+
+def _learning_rates(optimizer: Optimizer) -> list[float]:
+    return [group["lr"] for group in optimizer.param_groups]
+
+
+def _set_learning_rates(optimizer: Optimizer, rates: list[float]) -> None:
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
 
 
 def _to_device(module: nn.Module, device: torch.device) -> None:

@@ -87,8 +87,9 @@ _ABANDONED: list[Any] = []  # see `Comm.abandon`
 
 
 def message_tag(kind: int, replica: int, stage: int, microbatch: int) -> int:
-    """A tag unique per (message kind, replica, stage, microbatch) within one step (gloo matches on it)."""
-    return ((kind * 2 + replica) * 1024 + stage) * 1024 + microbatch
+    """A tag unique per (message kind, replica, stage, microbatch) within one step (gloo matches on it); an
+    asynchronous pipeline's mini-batch counter goes on past 1024, and only the few in flight need to differ."""
+    return ((kind * 2 + replica) * 1024 + stage) * 1024 + microbatch % 1024
 
 
 def _header(tensor: Tensor) -> Tensor:

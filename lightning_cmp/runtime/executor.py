@@ -20,6 +20,7 @@ __all__ = ["Executor", "Step"]
 
 _ACT_MSG, _GRAD_MSG = 0, 1
 _REC_MSG = 5  # Bi-Partition: a recording of the next stage's lead blocks, sent right after the activation
+_OUT_MSG = 10  # asynchronous schedules: a mini-batch's output, sent to a rank that runs the user's loss on it
 
 Key = tuple[int, int, int, int]  # (message, replica, stage, microbatch)
 
@@ -80,10 +81,12 @@ class Executor:
             Kind.OUTPUT: self._output,
             Kind.AVERAGE: self._average,
             Kind.WAIT_AVERAGE: self._wait_average,
+            Kind.SEND_OUT: self._send_output,
+            Kind.RECV_OUT: self._recv_output,
         }
 
-    def run(self, actions: Sequence[Action], step: Step) -> None:
-        """Run ``actions`` in order, then wait for this rank's outstanding sends."""
+    def run(self, actions: Sequence[Action], step: Step, wait_sends: bool = True) -> None:
+        """Run ``actions`` in order, then (unless ``wait_sends`` is False) wait for this rank's outstanding sends."""
         arm_before = _arm_points(actions)
         for index, action in enumerate(actions):
             if index in arm_before:
@@ -96,7 +99,8 @@ class Executor:
                 raise ScheduleError(f"rank {self.comm.me} has no input for {action} (missing {err}):\n{grid}") from err
             if self.timings is not None:
                 self.timings.append((str(action), start, time.perf_counter()))
-        self.comm.wait_sends()
+        if wait_sends:
+            self.comm.wait_sends()
 
     # Tensors in flight are keyed (message, replica, stage, microbatch) by the stage that produced them,
     # the same key the lowered SEND/RECV actions carry.
@@ -158,6 +162,16 @@ class Executor:
         src = self.placement.rank(a.replica, self.last_stage)
         mine = step.produced.pop((_ACT_MSG, a.replica, self.last_stage, a.microbatch)) if src == self.comm.me else None
         step.outputs[(a.replica, a.microbatch)] = self.comm.broadcast(mine, src)
+
+    def _send_output(self, a: Action, step: Step) -> None:
+        assert a.peer is not None  # the output stays here too: the user's loss on this rank needs it
+        out = step.produced[(_ACT_MSG, a.replica, a.stage, a.microbatch)]
+        self.comm.send(out, a.peer, message_tag(_OUT_MSG, a.replica, a.stage, a.microbatch))
+
+    def _recv_output(self, a: Action, step: Step) -> None:
+        assert a.peer is not None
+        tag = message_tag(_OUT_MSG, a.replica, a.stage, a.microbatch)
+        step.outputs[(a.replica, a.microbatch)] = self.comm.recv(a.peer, tag)
 
     def _average(self, a: Action, step: Step) -> None:
         assert a.peer is not None

@@ -162,6 +162,10 @@ class Pipeline:
             state = self._new_step(x, training=False, step_index=step)
             self.executor.run(self.eval_actions, state)
             return self._assemble(state)
+        return self._train(x, step, loss_fn)
+
+    def _train(self, x: Tensor, step: int | None, loss_fn: LossFn | None) -> Tensor:
+        """One training step's output, connected to the caller's graph (see `__call__`)."""
         if self.loss_per_microbatch and loss_fn is None:
             raise CMPConfigError(
                 f"{self.num_microbatches} microbatches of a schedule that interleaves forwards and backwards: "

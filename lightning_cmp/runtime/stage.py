@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lightning_cmp.runtime.replay import Replayer, record
 from lightning_cmp.runtime.rng import seeded
+
+if TYPE_CHECKING:
+    from lightning_cmp.runtime.weights import StageWeights
 
 __all__ = ["StageActivations", "StageCopy"]
 
@@ -38,6 +42,9 @@ class StageCopy:
       worker owns and steps them and sends them before every training step); ``original`` gives it the user's
       train/eval flags.
 
+    Under an asynchronous schedule ``weights`` (`lightning_cmp.runtime.weights.StageWeights`) gives each
+    training forward the weights its policy asks for.
+
     Examples:
         >>> copy = StageCopy(replica=0, stage=1, module=nn.Linear(4, 2))
         >>> acts = StageActivations()
@@ -60,6 +67,7 @@ class StageCopy:
         self.twin = twin
         self.lead = lead
         self.tail = tail
+        self.weights: StageWeights | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -109,6 +117,9 @@ class StageCopy:
                     x = replayed(x)
                 replayer.finish()
                 out = rest(x) if rest is not None else x
+            elif self.weights is not None:
+                leaves = self.weights.for_forward(microbatch)
+                out = torch.func.functional_call(self.module, leaves, (x,), strict=False)
             else:
                 out = self.module(x)
         acts.outputs[microbatch] = out
@@ -131,8 +142,12 @@ class StageCopy:
         """Back-propagate ``grad`` of the output; returns the input gradient (None for stage 0)."""
         out = acts.outputs.pop(microbatch)
         leaf = acts.inputs.pop(microbatch, None)
+        if self.weights is not None:
+            self.weights.before_backward(microbatch)
         if out.requires_grad:
             torch.autograd.backward(out, grad.to(out.dtype))
+        if self.weights is not None:
+            self.weights.after_backward(microbatch)
         if leaf is None:
             return None
         return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)

@@ -1,6 +1,19 @@
 """When things happen: schedules as data, lowered to per-rank action streams, validated and simulated."""
 
 from lightning_cmp.schedule.action import REPLICA_NAMES, Action, Kind
+from lightning_cmp.schedule.asynchronous import (
+    WEIGHT_POLICIES,
+    SteadyState,
+    Version,
+    async_1f1b,
+    drain_actions,
+    lower_async,
+    prediction_steps,
+    render_async,
+    slot_actions,
+    steady_state,
+    weight_versions,
+)
 from lightning_cmp.schedule.cmp import cmp
 from lightning_cmp.schedule.gpipe import gpipe
 from lightning_cmp.schedule.interleave import build_interleaved
@@ -17,6 +30,7 @@ __all__ = [
     "DEFAULT_COSTS",
     "REPLICA_NAMES",
     "SCHEDULES",
+    "WEIGHT_POLICIES",
     "Action",
     "Costs",
     "Kind",
@@ -27,18 +41,28 @@ __all__ = [
     "SimResult",
     "Span",
     "StageCosts",
+    "SteadyState",
     "Timetable",
+    "Version",
+    "async_1f1b",
     "build_interleaved",
     "build_timetable",
     "cmp",
+    "drain_actions",
     "get_schedule",
     "gpipe",
     "lower",
+    "lower_async",
     "lower_forward_only",
     "mp",
+    "prediction_steps",
     "render",
+    "render_async",
     "render_program",
     "simulate",
+    "slot_actions",
     "split_phases",
+    "steady_state",
     "validate",
+    "weight_versions",
 ]

@@ -25,6 +25,8 @@ class Kind(enum.Enum):
     OUTPUT = "OUTPUT"  # collective: the last stage's output of (replica, microbatch) reaches every rank
     AVERAGE = "AVERAGE"  # start averaging this stage copy with its mirror copy (peer may be this rank)
     WAIT_AVERAGE = "WAIT_AVERAGE"  # finish every averaging started in this step
+    SEND_OUT = "SEND_OUT"  # asynchronous schedules: send a last-stage output to a rank that runs the user's loss
+    RECV_OUT = "RECV_OUT"  # asynchronous schedules: receive a mini-batch's output from the last stage's rank
 
     def __lt__(self, other: object) -> bool:
         """Declaration order, so that ``Action`` (``order=True``) can sort actions of different kinds."""
@@ -39,11 +41,11 @@ class Kind(enum.Enum):
 
     @property
     def is_send(self) -> bool:
-        return self in (Kind.SEND_ACT, Kind.SEND_GRAD)
+        return self in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_OUT)
 
     @property
     def is_recv(self) -> bool:
-        return self in (Kind.RECV_ACT, Kind.RECV_GRAD)
+        return self in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_OUT)
 
 
 _PATTERN = re.compile(

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from lightning_cmp.errors import unknown_name
+from lightning_cmp.schedule.asynchronous import async_1f1b, lower_async
 from lightning_cmp.schedule.cmp import cmp
 from lightning_cmp.schedule.gpipe import gpipe
 from lightning_cmp.schedule.mp import mp
@@ -32,6 +33,13 @@ class ScheduleSpec:
     interleaves: bool = False  # with microbatches: 1F1B order, so the loss is computed per microbatch
     #: the same schedule ordered for measured per-stage costs (None: the order does not depend on costs)
     build_for_costs: Callable[[int, int, Placement, StageCosts], Timetable] | None = None
+    #: asynchronous 1F1B across training steps with this weight policy (`schedule.asynchronous`); None: every
+    #: training step is one synchronous pass of the pipeline
+    weights: str | None = None
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.weights is not None
 
     def loss_per_microbatch(self, num_microbatches: int) -> bool:
         """Whether the runtime computes the loss per microbatch (no loss barrier) at this microbatch count."""
@@ -73,6 +81,9 @@ class ScheduleSpec:
 
         forward, backward = stage_costs
         placement = self.placement(len(forward))
+        if self.asynchronous:  # ``num_microbatches`` whole mini-batches fed one per step, then the drain
+            costs = Costs(forward, backward, average=average)
+            return simulate(lower_async(len(forward), num_microbatches), placement, 1, costs)
         table = self.timetable(len(forward), num_microbatches, placement, stage_costs if ordered else None)
         program = lower(
             table, placement, num_microbatches, self.num_replicas == 2, self.loss_per_microbatch(num_microbatches)
@@ -97,6 +108,27 @@ SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType(
             ),
             ScheduleSpec(
                 "gpipe", gpipe, 1, "GPipe: one replica, M microbatches, fill then drain", default_microbatches=4
+            ),
+            ScheduleSpec(
+                "spectrain",
+                async_1f1b,
+                1,
+                "SpecTrain: asynchronous 1F1B on whole mini-batches, each stage's weights predicted from its momentum",
+                weights="predict",
+            ),
+            ScheduleSpec(
+                "pipedream",
+                async_1f1b,
+                1,
+                "PipeDream: asynchronous 1F1B on whole mini-batches, the forward's weights stashed for the backward",
+                weights="stash",
+            ),
+            ScheduleSpec(
+                "async",
+                async_1f1b,
+                1,
+                "asynchronous 1F1B on whole mini-batches with whatever weights are current (stale baseline)",
+                weights="current",
             ),
         )
     }

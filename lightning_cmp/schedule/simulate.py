@@ -25,7 +25,7 @@ from lightning_cmp.schedule.render import render_program
 __all__ = ["DEFAULT_COSTS", "Costs", "SimResult", "Span", "simulate"]
 
 Program = Mapping[int, Sequence[Action]]
-_MATCH = {Kind.RECV_ACT: Kind.SEND_ACT, Kind.RECV_GRAD: Kind.SEND_GRAD}
+_MATCH = {Kind.RECV_ACT: Kind.SEND_ACT, Kind.RECV_GRAD: Kind.SEND_GRAD, Kind.RECV_OUT: Kind.SEND_OUT}
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,8 @@ _HANDLERS: dict[Kind, Callable[[_State, int, Action], bool]] = {
     Kind.OUTPUT: _output,
     Kind.AVERAGE: _average,
     Kind.WAIT_AVERAGE: _wait_average,
+    Kind.SEND_OUT: _send,
+    Kind.RECV_OUT: _recv,
 }
 
 

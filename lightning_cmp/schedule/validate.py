@@ -119,6 +119,8 @@ class _Checker:
                 raise self.fail(f"{self.where(a, rank, i)} has no matching {match} on rank {there}", (rank, i))
 
     def check_outputs(self) -> None:
+        if any(a.kind in (Kind.SEND_OUT, Kind.RECV_OUT) for _, _, a in self.cells):
+            return self.check_sent_outputs()
         expected = _outputs(self.placement, self.num_microbatches)
         reference: list[Action] | None = None
         for rank, stream in sorted(self.streams.items()):
@@ -134,6 +136,34 @@ class _Checker:
             for (i, a), b in zip(found, reference, strict=True):
                 if a != b:
                     raise self.fail(f"{self.where(a, rank, i)}: OUTPUT order differs from rank 0 ({b})", (rank, i))
+        return None
+
+    def check_sent_outputs(self) -> None:
+        """Asynchronous schedules: the last stage's rank sends each output to every other rank, which receives it
+        once (no OUTPUT collective)."""
+        last = self.placement.num_stages - 1
+        sent = Counter((a.microbatch, a.peer) for _, _, a in self.cells if a.kind is Kind.SEND_OUT)
+        for rank, i, a in self.cells:
+            if a.kind is Kind.OUTPUT:
+                raise self.fail(f"{self.where(a, rank, i)}: a program that sends outputs has no OUTPUT", (rank, i))
+            if a.kind not in (Kind.SEND_OUT, Kind.RECV_OUT):
+                continue
+            owner = self.placement.rank(a.replica, last)
+            if (
+                a.stage != last
+                or (a.kind is Kind.SEND_OUT and rank != owner)
+                or (a.kind is Kind.RECV_OUT and a.peer != owner)
+            ):
+                raise self.fail(f"{self.where(a, rank, i)}: outputs go from rank {owner} (stage {last})", (rank, i))
+            if a.kind is Kind.RECV_OUT and sent[(a.microbatch, rank)] != 1:
+                raise self.fail(f"{self.where(a, rank, i)} has no matching SEND_OUT on rank {owner}", (rank, i))
+        for rank in self.streams:
+            if rank == self.placement.rank(0, last):
+                continue
+            got = Counter(a.microbatch for a in self.streams[rank] if a is not None and a.kind is Kind.RECV_OUT)
+            missing = [m for m in range(self.num_microbatches) if got[m] != 1]
+            if missing:
+                raise self.fail(f"rank {rank} receives the output of microbatch {missing[0]} {got[missing[0]]} times")
 
 
 def _all_compute(placement: Placement, num_microbatches: int, kinds: list[Kind]) -> list[Action]:
@@ -171,7 +201,7 @@ def _local_predecessors(action: Action, placement: Placement, outputs: list[Acti
     last = placement.num_stages - 1
     if k is Kind.FORWARD and s > 0:
         return [Action(Kind.RECV_ACT, r, s - 1, m, placement.rank(r, s - 1))]
-    if k in (Kind.SEND_ACT, Kind.LOSS) or (k is Kind.OUTPUT and placement.rank(r, s) == rank):
+    if k in (Kind.SEND_ACT, Kind.LOSS, Kind.SEND_OUT) or (k is Kind.OUTPUT and placement.rank(r, s) == rank):
         return [Action(Kind.FORWARD, r, s, m)]
     if k is Kind.BACKWARD:
         grad = [Action(Kind.RECV_GRAD, r, s + 1, m, placement.rank(r, s + 1))] if s < last else []

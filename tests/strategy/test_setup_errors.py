@@ -63,7 +63,7 @@ def test_unknown_strategy_name_is_lightnings_error() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"schedule": "cpm"}, r"unknown schedule 'cpm'; valid: 'cmp', (.*, )?'mp'"),
+        ({"schedule": "cpm"}, r"unknown schedule 'cpm'; valid: (.*, )?'cmp', (.*, )?'mp'"),
         ({"partition": "even"}, r"unknown partition 'even'; valid: 'balanced', 'bipartition', 'uniform'"),
         ({"averaging": "weights"}, r"unknown averaging 'weights'; valid: 'gradient', 'parameter'"),
         ({"average_every": 0}, r"average_every=0; use a whole number of steps >= 1"),
