@@ -11,15 +11,20 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any
 
+from lightning_cmp.bench.asynchronous import tables_from_json as asynchronous_tables
 from lightning_cmp.bench.bipartition import tables_from_json as bipartition_tables
 from lightning_cmp.bench.microbatches import tables_from_json
-from lightning_cmp.schedule import SCHEDULES, lower, render, simulate
+from lightning_cmp.schedule import SCHEDULES, lower, render, render_async, simulate
 
 # <!-- timetable schedule=cmp num_stages=4 -->  and  <!-- makespans num_stages=2,3,4 -->
 _MICROBATCHES = re.compile(r"<!--\s*microbatches\s+json=(\S+)\s*-->")
 _BIPARTITION = re.compile(r"<!--\s*bipartition\s+json=(\S+)\s*-->")
 _TIMETABLE = re.compile(r"<!--\s*timetable\s+schedule=(\w+)\s+num_stages=(\d+)(?:\s+num_microbatches=(\d+))?\s*-->")
 _MAKESPANS = re.compile(r"<!--\s*makespans\s+num_stages=([\d,]+)\s*-->")
+# <!-- asynchronous json=docs/bench/async.json accuracy=docs/bench/accuracy_async.json -->
+_ASYNCHRONOUS = re.compile(r"<!--\s*asynchronous\s+json=(\S+)\s+accuracy=(\S+)\s*-->")
+# <!-- versions num_stages=3 num_batches=4 policy=predict -->
+_VERSIONS = re.compile(r"<!--\s*versions\s+num_stages=(\d+)\s+num_batches=(\d+)\s+policy=(\w+)\s*-->")
 # <!-- output --> after a ```python block: what the page's blocks printed since the previous marker
 _OUTPUT = re.compile(r"<!--\s*output\s*-->")
 _PYTHON = re.compile(r"^```python[^\n]*\n(.*?)\n```", re.DOTALL | re.MULTILINE)
@@ -33,11 +38,18 @@ def timetable_block(schedule: str, num_stages: int, num_microbatches: int | None
     return f'```text title="{schedule}, num_stages={num_stages}, num_microbatches={m}"\n{table}\n```'
 
 
+def versions_block(num_stages: int, num_batches: int, policy: str) -> str:
+    """A fenced block with the asynchronous timetable and the weight version of every pass (built, not drawn)."""
+    table = render_async(num_stages, num_batches, policy)
+    title = f"policy={policy}, num_stages={num_stages}, {num_batches} mini-batches, then the drain"
+    return f'```text title="{title}"\n{table}\n```'
+
+
 def makespan_table(stage_counts: list[int]) -> str:
     """Simulated step time per schedule (forward = 1, backward = 2, free communication) as a Markdown table."""
     header = "| schedule | " + " | ".join(f"K={k}" for k in stage_counts) + " |"
     rows = [header, "|---|" + "---:|" * len(stage_counts)]
-    runs = [(name, spec, spec.default_microbatches) for name, spec in SCHEDULES.items()]
+    runs = [(name, spec, spec.default_microbatches) for name, spec in SCHEDULES.items() if not spec.asynchronous]
     runs += [(name, spec, 4) for name, spec in SCHEDULES.items() if spec.interleaves]
     for name, spec, m in runs:
         cells = []
@@ -95,4 +107,6 @@ def on_page_markdown(markdown: str, page: Any = None, **kwargs: Any) -> str:
     markdown = _MAKESPANS.sub(lambda m: makespan_table([int(k) for k in m[1].split(",")]), markdown)
     markdown = _MICROBATCHES.sub(lambda m: tables_from_json(m[1]), markdown)
     markdown = _BIPARTITION.sub(lambda m: bipartition_tables(m[1]), markdown)
+    markdown = _ASYNCHRONOUS.sub(lambda m: asynchronous_tables(m[1], m[2]), markdown)
+    markdown = _VERSIONS.sub(lambda m: versions_block(int(m[1]), int(m[2]), m[3]), markdown)
     return with_outputs(markdown, name)

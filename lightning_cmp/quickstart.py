@@ -18,7 +18,7 @@ from lightning_cmp.callbacks import SamplesPerSecond
 from lightning_cmp.data import FashionMNISTDataModule
 from lightning_cmp.models import ImageClassifier
 
-_PIPELINE_STRATEGIES = ("cmp", "mp")
+_PIPELINE_STRATEGIES = ("cmp", "mp", "gpipe", "spectrain", "pipedream", "async")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -74,12 +74,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     model = ImageClassifier(args.arch, lr=args.lr, cifar_stem=args.cifar_stem)
     speed = SamplesPerSecond(warmup=5)
+    curve = _ValidationCurve()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy=make_strategy(args.strategy, args.num_stages, args.averaging, args.average_every),
         max_epochs=args.epochs,
-        callbacks=[speed],
+        callbacks=[speed, curve],
         enable_progress_bar=True,
         enable_checkpointing=False,
         logger=False,
@@ -94,6 +95,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         rate = speed.samples_per_second
         print(f"training throughput: {rate:.1f} samples/s" if rate else "training throughput: n/a (too few batches)")
         print(f"fit wall time: {fit_seconds:.1f} s")
+
+
+class _ValidationCurve(L.Callback):
+    """Prints the validation accuracy after every epoch with the seconds since fit started (rank 0): the points of
+    an accuracy-vs-wall-time curve (`lightning_cmp.bench.accuracy` reads them)."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        acc = trainer.callback_metrics.get("val_acc")
+        if trainer.sanity_checking or acc is None or not trainer.is_global_zero:
+            return
+        elapsed = time.perf_counter() - self.start
+        print(f"val accuracy after epoch {trainer.current_epoch + 1}: {float(acc):.4f} at {elapsed:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

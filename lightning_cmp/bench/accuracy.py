@@ -17,11 +17,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUNS", "Run", "main", "parse_result", "summarize"]
+__all__ = ["RUNS", "Run", "accuracy_table", "main", "parse_curve", "parse_result", "plot_curves", "summarize"]
 
 #: (label, quickstart arguments)
 RUNS: dict[str, list[str]] = {
@@ -38,6 +38,9 @@ RUNS: dict[str, list[str]] = {
         "--average-every",
         "4",
     ],
+    "spectrain": ["--strategy", "spectrain", "--devices", "2"],
+    "pipedream": ["--strategy", "pipedream", "--devices", "2"],
+    "async": ["--strategy", "async", "--devices", "2"],
 }
 
 
@@ -56,6 +59,17 @@ def parse_result(stdout: str) -> dict[str, float | None]:
     }
 
 
+def parse_curve(stdout: str) -> list[tuple[float, float]]:
+    """(seconds since fit started, validation accuracy) after every epoch, from the quickstart's output.
+
+    Examples:
+        >>> parse_curve("val accuracy after epoch 1: 0.8100 at 60.5 s\\nval accuracy after epoch 2: 0.85 at 121.0 s")
+        [(60.5, 0.81), (121.0, 0.85)]
+    """
+    found = re.findall(r"val accuracy after epoch \d+: ([0-9.]+) at ([0-9.]+) s", stdout)
+    return [(float(t), float(a)) for a, t in found]
+
+
 @dataclass
 class Run:
     """One training run: which method, which seed, what it reached and how long it took."""
@@ -65,6 +79,7 @@ class Run:
     test_acc: float | None
     samples_per_s: float | None
     wall_s: float
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (fit seconds, validation accuracy) per epoch
 
 
 def summarize(runs: Sequence[Run], baseline: str = "single device") -> list[dict[str, Any]]:
@@ -117,7 +132,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per method and seed")
     p.add_argument("--json", default=None, help="also write every run and the summary to this file")
+    p.add_argument("--plot", default=None, help="also draw validation accuracy against wall time to this PNG")
+    p.add_argument("--plot-only", action="store_true", help="only redraw --plot from the runs in --json")
     args = p.parse_args(argv)
+    if args.plot_only:
+        if not (args.json and args.plot):
+            p.error("--plot-only needs --json (the runs) and --plot (the figure)")
+        plot_curves(json.loads(Path(args.json).read_text()), Path(args.plot))
+        return
     common = [
         "--epochs",
         str(args.epochs),
@@ -135,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if proc.returncode != 0:
                 print(f"# {label}, seed {seed} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             result = parse_result(proc.stdout)
-            runs.append(Run(label, seed, result["test_acc"], result["samples_per_s"], time.perf_counter() - start))
+            wall = time.perf_counter() - start
+            runs.append(Run(label, seed, result["test_acc"], result["samples_per_s"], wall, parse_curve(proc.stdout)))
             print(f"# {label}, seed {seed}: {result} in {runs[-1].wall_s:.0f}s", file=sys.stderr, flush=True)
     print("| method | seed | test accuracy | samples/s | wall s |\n|---|---|---|---|---|")
     for run in runs:
@@ -152,11 +175,66 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"| {row['label']} | {row['runs']} | {_points(row['mean'])} % | {_points(row['std'])} | {spread} "
                 f"| {_points(row['gap'], signed=True)} |"
             )
+    payload = {"args": vars(args), "machine": machine(), "runs": [asdict(r) for r in runs], "summary": summary}
     if args.json:
-        payload = {"args": vars(args), "runs": [asdict(r) for r in runs], "summary": summary}
         Path(args.json).write_text(json.dumps(payload, indent=1))
+    if args.plot:
+        plot_curves(payload, Path(args.plot))
     if any(r.test_acc is None for r in runs):
         raise SystemExit(1)
+
+
+def plot_curves(record: dict[str, Any], path: Path) -> Path:
+    """Validation accuracy after every epoch against the seconds since fit started, one line per run (colour: the
+    method), from the runs of an accuracy JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_cmp.bench.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = list(dict.fromkeys(r["label"] for r in record["runs"]))
+    colors = {label: f"C{i}" for i, label in enumerate(labels)}
+    for run in record["runs"]:
+        if not run.get("curve"):
+            continue
+        seconds, accuracy = zip(*run["curve"], strict=True)
+        first = run["seed"] == min(r["seed"] for r in record["runs"] if r["label"] == run["label"])
+        ax.plot(seconds, [100 * a for a in accuracy], "o-", color=colors[run["label"]], alpha=0.8,
+                label=run["label"] if first else None)  # fmt: skip
+    ax.set_xlabel("seconds since fit started")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("accuracy vs wall time (one line per seed)")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def accuracy_table(record: dict[str, Any]) -> str:
+    """Per method: mean ± std of the test accuracy over seeds, the mean gap to single device and the median
+    samples/s (Markdown), from an accuracy JSON's summary."""
+    lines = [
+        "| method | seeds | test accuracy, mean ± std (%) | min–max | gap to single device (points) | samples/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in record["summary"]:
+        spread = f"{_points(row['min'])}–{_points(row['max'])}"
+        rate = f"{row['samples_per_s']:.1f}" if row.get("samples_per_s") else "n/a"
+        mean = f"{_points(row['mean'])} ± {_points(row['std'])}"
+        lines.append(
+            f"| {row['label']} | {row['runs']} | {mean} | {spread} | {_points(row['gap'], signed=True)} | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """Where the runs ran (the same facts as the throughput benchmarks record)."""
+    import os
+
+    # platform.platform() and .processor() run `uname -p` in a subprocess; os.uname() does not
+    system = os.uname()
+    return {"system": f"{system.sysname} {system.release}", "machine": system.machine, "cpus": os.cpu_count()}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import platform
 import re
@@ -541,6 +542,45 @@ def _pipeline_bipartition(rank: int, world: int, device: torch.device, note: Not
     return _pipeline(Comm(list(range(world)), rank, device), device, "gpipe", 2, note, shift=2)
 
 
+def _pipeline_spectrain(rank: int, world: int, device: torch.device, note: Note) -> Outcome:
+    """SpecTrain's asynchronous pipeline on the device: outputs sent to every rank, predicted weights in a scratch
+    copy, the drain. Not single-device SGD, so the check is that every rank computed the same finite losses (each
+    step's output reached it) and that every stage's weights moved in every one of the STEPS updates."""
+    from lightning_cmp.partition import trace_chain, uniform_cuts
+    from lightning_cmp.runtime import AsyncPipeline, OptimizerLayout
+    from lightning_cmp.runtime.comm import Comm
+
+    comm = Comm(list(range(world)), rank, device)
+    model = _mlp(device)
+    chain = trace_chain(model)
+    note("AsyncPipeline('spectrain') set-up")
+    pipe = AsyncPipeline(chain, uniform_cuts(chain.num_blocks, world), "spectrain", comm)
+    opt = _optimizer(model.parameters())
+    OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
+    pipe.attach_optimizer(opt)
+    updates = [0]
+
+    def update(batch: int) -> None:
+        opt.step()
+        opt.zero_grad()
+        updates[0] += 1
+
+    note(f"{STEPS} steps and the drain")
+    losses = train_steps(pipe, opt, _batches(device))
+    pipe.drain(update)
+    every = comm.all_gather_object(losses)
+    pipe.close()
+    same = all(theirs == losses for theirs in every)
+    finite = all(math.isfinite(v) for v in losses)
+    owed = world - rank - 1
+    ok = same and finite and updates[0] == owed
+    detail = (
+        f"K={world}, {STEPS} steps on {device}: losses {'equal on every rank' if same else 'DIFFER between ranks'}"
+        f"{'' if finite else ', NOT FINITE'}, rank {rank} drained {updates[0]} update(s) (expected {owed})"
+    )
+    return ok, detail
+
+
 SCENARIOS: dict[str, Callable[[int, int, torch.device, Note], Outcome]] = {
     "gloo_collectives": _collectives,
     "gloo_point_to_point": _point_to_point,
@@ -549,6 +589,7 @@ SCENARIOS: dict[str, Callable[[int, int, torch.device, Note], Outcome]] = {
     "pipeline_cmp_micro_k2": _pipeline_cmp_micro,
     "pipeline_gpipe_k2": _pipeline_gpipe,
     "pipeline_bipartition_k2": _pipeline_bipartition,
+    "pipeline_spectrain_k2": _pipeline_spectrain,
 }
 
 

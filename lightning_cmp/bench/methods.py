@@ -16,7 +16,9 @@ from lightning_cmp.bench.measure import peak_rss_mib
 from lightning_cmp.bench.models import build, make_batches, train_steps
 from lightning_cmp.partition import trace_chain
 from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
+from lightning_cmp.runtime.asynchronous import AsyncPipeline
 from lightning_cmp.runtime.trace import compute_fraction
+from lightning_cmp.schedule import get_schedule
 
 __all__ = ["METHODS", "Method", "run_method"]
 
@@ -45,27 +47,50 @@ METHODS: dict[str, Method] = {
         Method("cmp2", 2, "lightning_cmp cmp N=2 (interleaved)", 2),
         Method("cmp4", 2, "lightning_cmp cmp N=4 (interleaved)", 4),
         Method("pp_gpipe", 2, "torch pipelining ScheduleGPipe M=4", 4),
+        Method("pp_1f1b2", 2, "torch pipelining Schedule1F1B M=2", 2),
         Method("pp_1f1b", 2, "torch pipelining Schedule1F1B M=4", 4),
+        Method("pp_1f1b8", 2, "torch pipelining Schedule1F1B M=8", 8),
         Method("pp_dualpipev", 2, "torch pipelining ScheduleDualPipeV M=4 (4 stages)", 4),
         Method("ddp", 2, "torch DistributedDataParallel (what Lightning ddp wraps)"),
+        Method("spectrain", 2, "lightning_cmp spectrain (asynchronous 1F1B, weight prediction)"),
+        Method("pipedream", 2, "lightning_cmp pipedream (asynchronous 1F1B, weight stashing)"),
+        Method("async", 2, "lightning_cmp async (asynchronous 1F1B, stale weights)"),
     )
 }
 
 
 def _ours(
     rank: int, world: int, model: nn.Module, method: Method, cuts: list[int], forward_cuts: list[int] | None = None
-) -> tuple[StepFn, Pipeline]:
+) -> tuple[StepFn, Pipeline, Callable[[], None] | None]:
+    """Our schedule ``method``: its step, its pipeline, and (asynchronous schedules) what drains it."""
     schedule = "gpipe" if method.name.startswith("gpipe") else "cmp" if method.name.startswith("cmp") else method.name
     comm = Comm(list(range(world)), rank, torch.device("cpu"))
     chain = trace_chain(model)
-    pipe = Pipeline(chain, cuts, schedule, comm, num_microbatches=method.num_microbatches, forward_cuts=forward_cuts)
+    pipe: Pipeline
+    if get_schedule(schedule).asynchronous:
+        pipe = AsyncPipeline(chain, cuts, schedule, comm)
+    else:
+        pipe = Pipeline(
+            chain, cuts, schedule, comm, num_microbatches=method.num_microbatches, forward_cuts=forward_cuts
+        )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
+    drain = None
+    if isinstance(pipe, AsyncPipeline):
+        pipe.attach_optimizer(opt)
+
+        def update(batch: int) -> None:
+            opt.step()
+            opt.zero_grad()
+
+        def drain() -> None:
+            assert isinstance(pipe, AsyncPipeline)
+            pipe.drain(update)
 
     def step(x: Tensor, y: Tensor) -> None:
         train_steps(pipe, opt, [(x, y)])
 
-    return step, pipe
+    return step, pipe, drain
 
 
 def _plain(model: nn.Module, rank: int, world: int) -> StepFn:
@@ -96,11 +121,11 @@ def _torch_pipelining(rank: int, world: int, model: nn.Module, method: Method, c
     ]
     params = [p for s in stages for p in s.submod.parameters()]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    kind = {"pp_gpipe": pp.ScheduleGPipe, "pp_1f1b": pp.Schedule1F1B}
     if method.name == "pp_dualpipev":
         schedule: Any = pp.ScheduleDualPipeV(list[Any](stages), method.num_microbatches, loss_fn=F.cross_entropy)
     else:
-        schedule = kind[method.name](stages[0], method.num_microbatches, loss_fn=F.cross_entropy)
+        kind = pp.ScheduleGPipe if method.name.startswith("pp_gpipe") else pp.Schedule1F1B
+        schedule = kind(stages[0], method.num_microbatches, loss_fn=F.cross_entropy)
     has_first = 0 in indices
     has_last = num_stages - 1 in indices
 
@@ -129,7 +154,10 @@ def run_method(
 
     ``forward_cuts``: our schedules only, a Bi-Partition (``cuts`` being the backward cuts).
 
-    Every rank returns its peak RSS and (our schedules) its per-step executor timings and compute fraction.
+    Every rank returns its peak RSS and (our schedules) its per-step executor timings and compute fraction. An
+    asynchronous pipeline keeps mini-batches in flight across steps: a timed run is its steps once the warm-up step
+    has started filling it; the drain after each run (once per epoch in training) is not timed. It also returns the
+    most bytes of weight copies (stashes, prediction scratch) the rank held at once.
 
     Examples:
         >>> run_workers(run_method, 2, method="cmp", model="tiny", cuts=[5], steps=2, repeats=3,
@@ -139,15 +167,16 @@ def run_method(
     net = build(model, size)
     net.train()
     pipe: Pipeline | None = None
+    drain: Callable[[], None] | None = None
     if method in ("single", "ddp"):
         step = _plain(net, rank, world)
     elif method.startswith("pp_"):
         step = _torch_pipelining(rank, world, net, spec, cuts)
     else:
-        step, pipe = _ours(rank, world, net, spec, cuts, forward_cuts)
+        step, pipe, drain = _ours(rank, world, net, spec, cuts, forward_cuts)
     data = make_batches(steps + 1, batch_size, size)
     step(*data[0])  # warm-up
-    seconds, compute, last_timings = [], [], []
+    seconds, compute, last_timings, copies = [], [], [], 0
     for _ in range(repeats):
         _barrier(world)
         start = time.perf_counter()
@@ -159,9 +188,20 @@ def run_method(
             if pipe is not None and pipe.executor.timings is not None:
                 last_timings = [("STEP", begin, time.perf_counter()), *pipe.executor.timings]
                 compute.append(compute_fraction(pipe.executor.timings, begin, time.perf_counter()))
+            if isinstance(pipe, AsyncPipeline):
+                copies = pipe.weight_copy_bytes(peak=True)
         _barrier(world)
         seconds.append(time.perf_counter() - start)
-    return {"rank": rank, "seconds": seconds, "compute": compute, "timings": last_timings, "rss_mib": peak_rss_mib()}
+        if drain is not None:
+            drain()
+    return {
+        "rank": rank,
+        "seconds": seconds,
+        "compute": compute,
+        "timings": last_timings,
+        "rss_mib": peak_rss_mib(),
+        "weight_copy_bytes": copies,
+    }
 
 
 def _barrier(world: int) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLUMNS", "bar_chart", "markdown_table", "projection_table", "write_json"]
+__all__ = ["COLUMNS", "bar_chart", "markdown_table", "projection_table", "save_figure", "write_json"]
 
 COLUMNS = ("method", "workers", "samples/s", "vs mp", "peak RSS MiB per worker", "idle fraction per worker")
 
@@ -57,6 +57,17 @@ def projection_table(predicted: dict[str, dict[int, float]], measured: dict[str,
 def write_json(record: dict[str, Any], path: Path) -> Path:
     """Write the whole benchmark record (config, machine, rows, projection) as indented JSON."""
     path.write_text(json.dumps(record, indent=2, default=str))
+    return path
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a Matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
     return path
 
 

@@ -25,7 +25,7 @@ def test_every_check_passes_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not failed
     assert report["device"] == "cpu" and report["torch"] == torch.__version__
     table = capsys.readouterr().out
-    assert "pipeline_gpipe_k2" in table and "pipeline_bipartition_k2" in table and "PASS 14 / FAIL 0 / SKIP 0" in table
+    assert "pipeline_gpipe_k2" in table and "pipeline_spectrain_k2" in table and "PASS 15 / FAIL 0 / SKIP 0" in table
 
 
 @pytest.mark.slow
