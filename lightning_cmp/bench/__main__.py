@@ -82,20 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     timelines: dict[str, Any] = {}
     for name in args.methods:
-        method = METHODS[name]
-        row: dict[str, Any] = {"method": name, "label": method.label, "workers": method.world}
-        started = time.perf_counter()
-        try:
-            per_rank = run_workers(
-                run_method, method.world, method=name, model=args.model, cuts=cuts4 if name == "pp_dualpipev" else cuts,
-                steps=args.steps, repeats=args.repeats, batch_size=args.batch_size, size=args.size,
-            )  # fmt: skip
-            row.update(summarize(per_rank, args.steps, args.batch_size))
-            if name in ("mp", "cmp"):
-                timelines[name] = [r["timings"] for r in per_rank]
-        except Exception as err:  # a baseline that cannot run is reported, not fatal
-            row["error"] = str(err).strip().splitlines()[-1][:160]
-        print(f"# {name}: {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        row, per_rank = measure_method(name, args, cuts4 if name == "pp_dualpipev" else cuts)
+        if per_rank is not None and name in ("mp", "cmp"):
+            timelines[name] = [r["timings"] for r in per_rank]
         rows.append(row)
     predicted = predict(step_model(args.batch_size, chain, model, costs, x), range(2, 9))
     measured = {r["method"]: r["step_s"] for r in rows if "step_s" in r}
@@ -119,6 +108,27 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print("\n## Projection: seconds per step (simulator with measured stage costs) vs measured\n")
     print(projection)
+
+
+def measure_method(
+    name: str, args: argparse.Namespace, cuts: list[int]
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """One benchmark row: ``name`` run in fresh worker processes on ``args.model`` cut at ``cuts``, summarised;
+    also what each rank returned (None when the method could not run: the row then holds the error)."""
+    method = METHODS[name]
+    row: dict[str, Any] = {"method": name, "label": method.label, "workers": method.world}
+    started = time.perf_counter()
+    per_rank = None
+    try:
+        per_rank = run_workers(
+            run_method, method.world, method=name, model=args.model, cuts=cuts, steps=args.steps,
+            repeats=args.repeats, batch_size=args.batch_size, size=args.size,
+        )  # fmt: skip
+        row.update(summarize(per_rank, args.steps, args.batch_size))
+    except Exception as err:  # a baseline that cannot run is reported, not fatal
+        row["error"] = str(err).strip().splitlines()[-1][:160]
+    print(f"# {args.model} {name}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    return row, per_rank
 
 
 def step_model(

@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_cmp.bench.__main__ import machine, step_model
-from lightning_cmp.bench.launch import run_workers
-from lightning_cmp.bench.measure import summarize
-from lightning_cmp.bench.methods import METHODS, run_method
+from lightning_cmp.bench.__main__ import machine, measure_method, step_model
+from lightning_cmp.bench.methods import METHODS
 from lightning_cmp.bench.models import build, make_batches
 from lightning_cmp.bench.project import StepModel, block_costs, predict
 from lightning_cmp.bench.report import save_figure
@@ -75,21 +72,11 @@ def project_async(model: StepModel, ks: range) -> dict[int, dict[str, Any]]:
 
 
 def _measure(name: str, args: argparse.Namespace, cuts: list[int]) -> dict[str, Any]:
-    method = METHODS[name]
-    row: dict[str, Any] = {"method": name, "label": method.label, "workers": method.world}
-    started = time.perf_counter()
-    try:
-        per_rank = run_workers(
-            run_method, method.world, method=name, model=args.model, cuts=cuts, steps=args.steps,
-            repeats=args.repeats, batch_size=args.batch_size, size=args.size,
-        )  # fmt: skip
-        row.update(summarize(per_rank, args.steps, args.batch_size))
+    row, per_rank = measure_method(name, args, cuts)
+    if per_rank is not None:
         row["weight_copy_bytes"] = [r.get("weight_copy_bytes", 0) for r in per_rank]
         if name in TIMELINES:  # each rank's actions in its last timed step
             row["timings"] = [r["timings"] for r in per_rank]
-    except Exception as err:  # a baseline that cannot run is reported, not fatal
-        row["error"] = str(err).strip().splitlines()[-1][:160]
-    print(f"# {args.model} {name}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
     return row
 
 
@@ -108,11 +95,8 @@ def _one_model(args: argparse.Namespace) -> dict[str, Any]:
         found = [(rates[m], m) for m in members if m in rates]
         if found:
             best[family] = {"samples_per_s": max(found)[0], "method": max(found)[1]}
-    params = [
-        sum(p.numel() * p.element_size() for p in chain.stage_module(a, b).parameters())
-        for a, b in pairwise([0, *cuts, chain.num_blocks])
-    ]
     measured_model = step_model(args.batch_size, chain, model, costs, x)
+    params = [sum(measured_model.params[a:b]) for a, b in pairwise([0, *cuts, chain.num_blocks])]
     return {
         "model": args.model,
         "cuts": cuts,
