@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.distributed import (
+    DistributedSamplerWrapper,
     _get_default_process_group_backend_for_device,
     _init_dist_connection,
     _set_num_threads_if_needed,
@@ -31,7 +32,7 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
 from lightning_cmp.checkpoint_io import AtomicCheckpointIO
@@ -42,6 +43,7 @@ from lightning_cmp.partition.materialize import materialize
 from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.asynchronous import AsyncPipeline
 from lightning_cmp.runtime.comm import peers_lost
+from lightning_cmp.runtime.groups import DataGroups
 from lightning_cmp.runtime.liveness import stop_processes
 from lightning_cmp.runtime.memory import WorkerBytes, worker_bytes
 from lightning_cmp.runtime.plan import PARTITIONS, Partition, check_partition, plan_partition
@@ -50,7 +52,7 @@ from lightning_cmp.runtime.state import fill, find_tensor
 from lightning_cmp.runtime.stream import serve, write_streamed
 from lightning_cmp.runtime.trace import write_trace
 from lightning_cmp.runtime.weights import check_predictable
-from lightning_cmp.schedule import SCHEDULES, get_schedule
+from lightning_cmp.schedule import SCHEDULES, Placement, get_schedule
 
 __all__ = ["CMPStrategy"]
 
@@ -110,8 +112,16 @@ class CMPStrategy(ParallelStrategy):
     returns the whole batch's output on every worker, so ``training_step``, logging, metrics and callbacks
     run unchanged and see what one device would see.
 
+    With more workers than stages (``devices x num_nodes = num_stages x D``), D pipelines train data-parallel:
+    each gets its own part of the data (Lightning's distributed sampler over the D pipelines) and every copy of a
+    stage in every pipeline is averaged with the others, so gradient averaging stays exact SGD on the union of the
+    pipelines' batches. A pipeline's workers are consecutive ranks (on one node when the workers per node are a
+    multiple of ``num_stages``). ``self.log(..., sync_dist=True)`` and torchmetrics average over the D pipelines.
+    See the "Scaling out" page.
+
     Args:
-        num_stages: stages the model is cut into; defaults to the number of workers (must equal it for now).
+        num_stages: stages the model is cut into; defaults to the number of workers. It must divide the number of
+            workers (``devices x num_nodes``); the quotient is the number of data-parallel pipelines.
         schedule: ``"cmp"`` (two reversed replicas), ``"mp"`` (plain model parallel baseline), ``"gpipe"``
             (one replica, ``num_microbatches`` microbatches, fill then drain), or an asynchronous 1F1B pipeline on
             whole mini-batches with per-stage updates: ``"spectrain"`` (weights predicted from the momentum),
@@ -211,11 +221,12 @@ class CMPStrategy(ParallelStrategy):
         self._target: nn.Module | None = None
         self._pipeline: Pipeline | None = None
         self._comm: Comm | None = None  # every rank; set up with the process group, names a lost peer
+        self._groups: DataGroups | None = None  # with several data-parallel pipelines
         self._layouts: list[OptimizerLayout] = []
         self._optimizer_steps = 0
         self._failed = False
         self._peers_lost = False
-        self._metric_sync: dict[nn.Module, bool] = {}
+        self._metric_sync: dict[nn.Module, tuple[bool, Any]] = {}
         self._undo_scaler: Callable[[], None] | None = None
         self._inject_sampler: bool | None = None
         self._step_call: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # training_step's arguments, in it
@@ -254,10 +265,21 @@ class CMPStrategy(ParallelStrategy):
         self._num_nodes = num_nodes
 
     @property
+    def num_groups(self) -> int:
+        """Data-parallel pipelines: the number of workers divided by ``num_stages``."""
+        world = self.num_processes * self.num_nodes
+        return world // self.num_stages if self.num_stages else 1
+
+    @property
+    def group_index(self) -> int:
+        """This worker's pipeline (0 .. ``num_groups`` - 1): its share of the data."""
+        return self.global_rank // self.num_stages if self.num_stages else 0
+
+    @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every worker of one pipeline must see the same batch: one data-parallel replica.
-        return {"num_replicas": 1, "rank": 0}
+        # Every worker of one pipeline must see the same batch: one data-parallel replica per pipeline.
+        return {"num_replicas": self.num_groups, "rank": self.group_index}
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -271,12 +293,18 @@ class CMPStrategy(ParallelStrategy):
             return dataloader
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         predicting = trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
-        if predicting or not isinstance(dataloader.sampler, RandomSampler):
-            return dataloader  # a sequential or the user's own sampler: as on one device
+        shuffled = isinstance(dataloader.sampler, RandomSampler) and not predicting
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler: DistributedSampler[int] = DistributedSampler(
-            dataloader.dataset, num_replicas=1, rank=0, shuffle=True, seed=seed
-        )
+        kwargs = self.distributed_sampler_kwargs
+        if kwargs["num_replicas"] > 1:  # several pipelines: each its share, as Lightning's ddp would split it
+            if isinstance(dataloader.sampler, RandomSampler | SequentialSampler):
+                sampler: Any = DistributedSampler(dataloader.dataset, shuffle=shuffled, seed=seed, **kwargs)
+            else:
+                sampler = DistributedSamplerWrapper(dataloader.sampler, shuffle=False, **kwargs)
+            return _update_dataloader(dataloader, sampler)
+        if not shuffled:
+            return dataloader  # a sequential or the user's own sampler: as on one device
+        sampler = DistributedSampler(dataloader.dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
         return _update_dataloader(dataloader, sampler)
 
     @override
@@ -331,11 +359,21 @@ class CMPStrategy(ParallelStrategy):
                 f"strategy={name!r} splits the model over several workers but the Trainer has {world} "
                 f"(devices={self.num_processes}, num_nodes={self.num_nodes}); use devices=2 or more"
             )
-        if self.num_stages is not None and self.num_stages != world:
+        if self.num_stages is None:
+            self.num_stages = world
+        if world % self.num_stages:
+            fits = [k for k in range(2, world + 1) if world % k == 0]
+            more = -(-world // self.num_stages) * self.num_stages
             raise CMPConfigError(
-                f"num_stages={self.num_stages} but the Trainer has {world} workers (devices x num_nodes); "
-                f"one pipeline uses one worker per stage and data-parallel groups are not supported yet: "
-                f"use devices={self.num_stages} or num_stages={world}"
+                f"num_stages={self.num_stages} does not divide the Trainer's {world} workers (devices="
+                f"{self.num_processes} x num_nodes={self.num_nodes}): each data-parallel pipeline takes num_stages "
+                f"workers. Use num_stages in {fits}, or a multiple of {self.num_stages} workers (e.g. {more})"
+            )
+        if self.num_groups > 1 and get_schedule(name).asynchronous:
+            raise CMPConfigError(
+                f"strategy={name!r} with {world} workers and num_stages={self.num_stages} would train "
+                f"{self.num_groups} data-parallel pipelines; asynchronous pipelines run as one pipeline only: use "
+                f"num_stages={world} (or devices={self.num_stages}), or schedule='cmp'"
             )
 
     @override
@@ -360,6 +398,12 @@ class CMPStrategy(ParallelStrategy):
             atexit.register(_destroy_process_group_at_exit)
         # From here on every collective, Lightning's included, names the rank that died or hung.
         self._comm = Comm.world(self.global_rank, self.root_device)
+        if self.num_stages is None:  # an external launcher set the world without _configure_launcher
+            self.num_stages = self.world_size
+        if self.num_groups > 1:
+            replicas = get_schedule(self.schedule).num_replicas
+            placement = Placement(self.num_stages, replicas)
+            self._groups = DataGroups.build(self._comm, self.num_stages, placement, self._timeout)
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -425,8 +469,8 @@ class CMPStrategy(ParallelStrategy):
         name = self.module_name or type(module).__name__
         self._chain = trace_chain(target, name=name)
         self._target = target
-        world = self.num_processes * self.num_nodes
-        check_partition(self.partition, self._chain, world)  # the block count and explicit cuts, before training
+        stages = self.num_stages or self.num_processes * self.num_nodes
+        check_partition(self.partition, self._chain, stages)  # the block count and explicit cuts, before training
 
     def _patch(self, module: LightningModule) -> None:
         assert self._target is not None
@@ -440,10 +484,14 @@ class CMPStrategy(ParallelStrategy):
             _check_unscaling(self.optimizers)
             self._undo_scaler = agree_on_overflow(scaler, self._comm)
         for metric in module.modules():
-            # Every worker holds identical metric states: syncing them across workers would count K times.
+            # Every worker of a pipeline holds identical metric states: syncing them across its workers would count
+            # K times. With several pipelines they sync over the D workers at this pipeline position instead.
             if hasattr(metric, "sync_on_compute") and hasattr(metric, "dist_sync_on_step"):
-                self._metric_sync[metric] = metric.__dict__["sync_on_compute"]
-                metric.__dict__["sync_on_compute"] = False
+                self._metric_sync[metric] = (metric.__dict__["sync_on_compute"], metric.__dict__.get("process_group"))
+                if self._groups is None:
+                    metric.__dict__["sync_on_compute"] = False
+                else:
+                    metric.__dict__["process_group"] = self._groups.data.group
 
     def _unpatch(self) -> None:
         if self._target is not None:
@@ -452,8 +500,9 @@ class CMPStrategy(ParallelStrategy):
         if self._undo_scaler is not None:
             self._undo_scaler()
             self._undo_scaler = None
-        for metric, sync in self._metric_sync.items():
+        for metric, (sync, group) in self._metric_sync.items():
             metric.__dict__["sync_on_compute"] = sync
+            metric.__dict__["process_group"] = group
         self._metric_sync.clear()
 
     # -- the pipeline, built on the first batch ----------------------------------------------------------
@@ -492,15 +541,19 @@ class CMPStrategy(ParallelStrategy):
 
     def _build_pipeline(self, x: Tensor) -> Pipeline:
         assert self._chain is not None and self.lightning_module is not None
-        world = self.world_size
-        comm = self._comm or Comm.world(self.global_rank, self.root_device)
-        # The same cuts and per-stage costs (what an interleaved schedule orders its microbatches for) everywhere.
+        world = self._comm or Comm.world(self.global_rank, self.root_device)
+        comm = self._groups.pipeline if self._groups is not None else world
+        # The same cuts and per-stage costs (what an interleaved schedule orders its microbatches for) everywhere:
+        # planned in each pipeline, pipeline 0's plan taken by all.
         plan = plan_partition(self.partition, self._chain, x, comm, self.schedule, self.num_microbatches)
+        if self._groups is not None:
+            plan = world.broadcast_object(plan, 0)
         where = f"at blocks {plan.cuts}"
         if plan.forward_cuts != plan.cuts:
             where = f"forward at blocks {plan.forward_cuts}, backward at {plan.cuts}"
         note = f" ({plan.note})" if plan.note else ""
-        log.info("lightning_cmp: %s split into %d stages %s%s", self._chain.name, world, where, note)
+        groups = f" x {self._groups.num_groups} data-parallel pipelines" if self._groups is not None else ""
+        log.info("lightning_cmp: %s split into %d stages%s %s%s", self._chain.name, comm.size, groups, where, note)
         seed = _base_seed()
         split_state = self._pending_split_state()
         if get_schedule(self.schedule).asynchronous:
@@ -516,6 +569,7 @@ class CMPStrategy(ParallelStrategy):
             state=split_state,
             stage_costs=plan.stage_costs,
             forward_cuts=plan.forward_cuts,
+            data=self._groups,
         )
         scaler = getattr(self.precision_plugin, "scaler", None)
         if isinstance(scaler, torch.amp.GradScaler):  # the microbatch losses are scaled like Lightning's loss
@@ -527,6 +581,8 @@ class CMPStrategy(ParallelStrategy):
         assert self._chain is not None
         seed = _base_seed()
         self._materialize_rest(seed)
+        if self._groups is not None:
+            self._broadcast_rest(self._groups.world)
         names = {id(p): n for n, p in self._chain.root.named_parameters()}
         self._layouts = [OptimizerLayout(_unwrap(opt), names) for opt in self.optimizers]
         for layout in self._layouts:
@@ -551,16 +607,39 @@ class CMPStrategy(ParallelStrategy):
         """The LightningModule's tensors outside the split module (every rank holds them): values from the restored
         checkpoint, or memory and a seeded initialisation when they were built on the meta device."""
         module = self.lightning_module
-        assert module is not None and self._chain is not None
-        prefix = f"{self.module_name}." if self.module_name else ""
-        chain_names = {prefix + n for n, _ in [*self._chain.root.named_parameters(), *self._chain.root.named_buffers()]}
-        rest = [n for n, _ in [*module.named_parameters(), *module.named_buffers()] if n not in chain_names]
+        assert module is not None
+        rest = [name for name, _ in self._rest()]
         materialize(module, self.root_device, seed, rest)
         if self._pending_state is not None:
             with torch.no_grad():
                 for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
                     if name in rest and name in self._pending_state:
                         tensor.copy_(self._pending_state[name])
+
+    def _rest(self) -> list[tuple[str, Tensor]]:
+        """The LightningModule's parameters and buffers outside the split module (every worker holds them)."""
+        module = self.lightning_module
+        assert module is not None and self._chain is not None
+        prefix = f"{self.module_name}." if self.module_name else ""
+        chain_names = {prefix + n for n, _ in [*self._chain.root.named_parameters(), *self._chain.root.named_buffers()]}
+        return [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if n not in chain_names]
+
+    def _broadcast_rest(self, world: Comm) -> None:
+        """Every pipeline starts from rank 0's values of the tensors outside the split module (a collective)."""
+        with torch.no_grad():
+            for _, tensor in self._rest():
+                tensor.copy_(world.broadcast(tensor.detach() if world.me == 0 else None, 0))
+
+    def _average_rest_gradients(self) -> None:
+        """Gradients of parameters outside the split module, averaged over the pipelines (a collective; the same
+        on every worker of one pipeline already)."""
+        if self._groups is None or self._pipeline is None:
+            return
+        for _, tensor in self._rest():
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+                grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+                self._groups.data.all_reduce_sum(grad).div_(self._groups.num_groups)
+                tensor.grad = grad
 
     def _clip(self, optimizer: Optimizer, clip_val: float, unclipped: Callable[[Optimizer, float], None]) -> None:
         if self._pipeline is None:
@@ -620,6 +699,14 @@ class CMPStrategy(ParallelStrategy):
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         if get_schedule(self.schedule).asynchronous:
             return self._asynchronous_step(optimizer, closure, model, **kwargs)
+        if self._groups is not None:
+            user_closure = closure
+
+            def closure(user_closure: Callable[[], Any] = user_closure) -> Any:
+                result = user_closure()
+                self._average_rest_gradients()
+                return result
+
         result = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._optimizer_steps += 1
         if self.averaging == "parameter" and self._optimizer_steps % self.average_every == 0:
@@ -713,8 +800,22 @@ class CMPStrategy(ParallelStrategy):
     # -- collectives for Lightning ------------------------------------------------------------------------
     @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
-        # Every worker of a pipeline computed the same value on the same batch: nothing to combine.
-        return tensor
+        # Every worker of a pipeline computed the same value on the same batch: only the pipelines differ, and a
+        # value is combined over the D workers at this pipeline position.
+        if self._groups is None or not isinstance(tensor, Tensor):
+            return tensor
+        op = str(reduce_op).lower().rsplit(".", 1)[-1]
+        if op not in ("mean", "avg", "sum"):
+            raise CMPConfigError(
+                f"reduce_op={reduce_op!r}: strategy={self.schedule!r} reduces over its data-parallel pipelines with "
+                "'mean' or 'sum'"
+            )
+        out = tensor.detach().clone().to(self.root_device)
+        dtype = out.dtype
+        out = self._groups.data.all_reduce_sum(out if out.is_floating_point() else out.double())
+        if op in ("mean", "avg"):
+            out = out / self._groups.num_groups
+        return out.to(dtype) if not dtype.is_floating_point and op == "sum" else out
 
     # Through the world Comm, so a peer lost in a checkpoint or an epoch-end decision is named like one
     # lost mid-step. Without a process group there is no one to agree with.
@@ -776,6 +877,8 @@ class CMPStrategy(ParallelStrategy):
     ) -> None:
         if not self._streams():
             return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if self._groups is not None and self._groups.group != 0:
+            return None  # pipeline 0 writes the file; its copies equal every other pipeline's
         assert self._pipeline is not None and isinstance(self.checkpoint_io, AtomicCheckpointIO)
         comm, remote = self._pipeline.comm, self._remote
         try:

@@ -6,7 +6,7 @@ import functools
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,9 @@ from torch import Tensor, nn
 from lightning_cmp.runtime.comm import _DTYPES, Comm, message_tag
 from lightning_cmp.runtime.shm import SharedRegions, shared_memory_peers
 from lightning_cmp.runtime.stage import StageCopy
+
+if TYPE_CHECKING:
+    from lightning_cmp.runtime.groups import DataGroups
 
 __all__ = ["Averager", "flat_sizes", "flat_views", "flatten_into", "unflatten_into"]
 
@@ -82,6 +85,10 @@ class _Bucket:
     ready: int = 0
     started: bool = False
 
+    @property
+    def complete(self) -> bool:
+        return self.ready >= len(self.params)
+
 
 def _buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
     buckets, current, size = [], [], 0
@@ -110,6 +117,13 @@ class Averager:
     A mirror on the same host (CPU) is reached through shared memory (`lightning_cmp.runtime.shm`)
     unless ``shared_memory=False``; other mirrors through the process group (gloo or NCCL point-to-point).
 
+    With ``data`` (several pipelines training data-parallel, `lightning_cmp.runtime.groups`), every exchange is
+    instead an all-reduce over the stage's averaging group (every copy of the stage in every pipeline; a rank
+    holding both copies of a stage combines them first): gradients are summed and divided by the number of
+    pipelines (each pipeline's pair already sums to its own batch's gradient), weights and buffers averaged over
+    the copies. The group's members start the buckets of one stage in the same order (a collective's order is
+    its identity), as soon as backward has completed them.
+
     Examples:
         >>> averager = Averager(comm, copies)  # doctest: +SKIP
         >>> averager.arm(0, 1, peer=2); ...; averager.start_gradients(0, 1, peer=2); averager.wait()  # doctest: +SKIP
@@ -121,9 +135,12 @@ class Averager:
         copies: dict[tuple[int, int], StageCopy],
         bucket_bytes: int | None = None,
         shared_memory: bool = True,
+        data: DataGroups | None = None,
     ) -> None:
         self.comm = comm
         self.copies = copies
+        self.data = data
+        self._next_bucket: dict[tuple[int, int], int] = {}  # data groups: the next bucket to start, in order
         self._regions: SharedRegions | None = None
         self.shared_peers: set[int] = set()  # group positions reached through shared memory
         if shared_memory:  # a collective: every rank of the group must pass the same flag
@@ -132,12 +149,14 @@ class Averager:
             self._regions, self.shared_peers = shared_memory_peers(comm, state_bytes)
         self._tiny: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}  # (kind, stage, channel) -> buffers
         self._acks: dict[tuple[int, int], tuple[list[Any], int]] = {}  # (stage, channel) -> (works, peer)
-        self._pending: list[tuple[list[Any], int, Callable[[], None]]] = []  # (works, peer, finish)
+        # (works, the Comm they run on, peer position or None for a collective, finish)
+        self._pending: list[tuple[list[Any], Comm, int | None, Callable[[], None]]] = []
         self._buckets: dict[tuple[int, int], list[_Bucket]] = {}
         self._where: dict[int, tuple[tuple[int, int], int]] = {}
         self._armed: dict[tuple[int, int], int] = {}
         self._hooks: list[Any] = []
         self._flats: dict[tuple[int, int], dict[torch.dtype, tuple[Tensor, Tensor]]] = {}
+        self._group_flats: dict[tuple[int, int], dict[torch.dtype, Tensor]] = {}
         for key, copy in copies.items():
             params = copy.parameters()
             total = sum(p.numel() * p.element_size() for p in params)
@@ -161,7 +180,7 @@ class Averager:
             for works, peer in self._acks.values():
                 self.comm.wait(works, peer)
         else:
-            self.comm.abandon(self._acks.copy(), self._pending.copy(), self._tiny, self._flats)
+            self.comm.abandon(self._acks.copy(), self._pending.copy(), self._tiny, self._flats, self._group_flats)
         self._acks.clear()
         self._pending.clear()
         for handle in self._hooks:
@@ -170,11 +189,18 @@ class Averager:
         if self._regions is not None:
             self._regions.close()
 
+    def _local_pair(self, replica: int, stage: int) -> bool:
+        return (1 - replica, stage) in self.copies
+
+    def _grouped(self, stage: int) -> bool:
+        return self.data is not None and stage in self.data.stages
+
     def arm(self, replica: int, stage: int, peer: int) -> None:
         """From now on, send this copy's gradient buckets to ``peer`` as soon as they are complete."""
-        if peer == self.comm.me:
-            return
+        if self._local_pair(replica, stage) or (peer == self.comm.me and not self._grouped(stage)):
+            return  # both copies here: combined once both backwards are done
         self._armed[(replica, stage)] = peer
+        self._next_bucket[(replica, stage)] = 0
         for bucket in self._buckets[(replica, stage)]:
             bucket.ready, bucket.started = 0, False
 
@@ -184,8 +210,15 @@ class Averager:
             return
         bucket = self._buckets[key][index]
         bucket.ready += 1
-        if bucket.ready == len(bucket.params) and not bucket.started:
-            self._start_bucket(key, index)
+        if not self._grouped(key[1]):
+            if bucket.complete and not bucket.started:
+                self._start_bucket(key, index)
+            return
+        buckets, start = self._buckets[key], self._next_bucket[key]
+        while start < len(buckets) and buckets[start].complete:  # a collective: every member in the same order
+            self._start_bucket(key, start)
+            start += 1
+        self._next_bucket[key] = start
 
     def _start_bucket(self, key: tuple[int, int], index: int) -> None:
         """Send one bucket: its gradients (zeros where none) and which parameters got one, summed alike."""
@@ -200,9 +233,13 @@ class Averager:
     def start_gradients(self, replica: int, stage: int, peer: int) -> None:
         """Sum this copy's gradients with its mirror's (the buckets not sent yet go now)."""
         mine = self.copies[(replica, stage)]
-        if peer == self.comm.me:  # both copies of the stage live here
+        if self._local_pair(replica, stage):  # both copies of the stage live here
             self._sum_local(mine, self.copies[(1 - replica, stage)])
+            if self._grouped(stage):
+                self._exchange_pair(replica, stage, [p.grad for p in mine.parameters()], gradients=True)
             return
+        if peer == self.comm.me and not self._grouped(stage):
+            return  # a single copy and no other pipeline: nothing to average
         key = (replica, stage)
         if key not in self._armed:
             self.arm(replica, stage, peer)
@@ -215,15 +252,48 @@ class Averager:
     def start_parameters(self, replica: int, stage: int, peer: int) -> None:
         mine = self.copies[(replica, stage)]
         tensors = [p.data for p in mine.parameters()] + mine.float_buffers()
-        if peer == self.comm.me:
+        if self._local_pair(replica, stage):
             other = self.copies[(1 - replica, stage)]
             _average_local(tensors, [p.data for p in other.parameters()] + other.float_buffers())
+            if self._grouped(stage):
+                self._exchange_pair(replica, stage, [p.data for p in mine.parameters()], gradients=False)
+            return
+        if peer == self.comm.me and not self._grouped(stage):
             return
         self._exchange(stage, tensors, _average, peer, channel=0)
 
+    def _exchange_pair(self, replica: int, stage: int, tensors: list[Tensor | None], gradients: bool) -> None:
+        """Both copies of ``stage`` live here and are combined already (``tensors``: the first copy's gradients
+        or weights): combine them with the other pipelines' pairs, then copy the result into the second copy."""
+        mine, other = self.copies[(replica, stage)], self.copies[(1 - replica, stage)]
+        params, twins = mine.parameters(), other.parameters()
+        flags = torch.tensor([float(t is not None) for t in tensors], device=self.comm.device)
+        if gradients:
+            values = _zero_filled(params)
+        else:
+            values = [t for t in tensors if t is not None]
+        buffers = mine.float_buffers()
+
+        def copy_over() -> None:
+            for p, q, used in zip(params, twins, flags.tolist(), strict=True):
+                if not gradients:
+                    q.data.copy_(p.data)
+                elif not used:  # no copy in any pipeline got a gradient: leave the parameter alone
+                    p.grad = q.grad = None
+                else:
+                    assert p.grad is not None
+                    q.grad = p.grad.clone() if q.grad is None else q.grad.copy_(p.grad)
+            for b, c in zip(buffers, other.float_buffers(), strict=True):
+                c.copy_(b)
+
+        assert self.data is not None
+        divisor = self.data.num_groups  # each pipeline contributes one combined pair
+        tensors_out = [*values, flags, *buffers] if gradients else [*values, *buffers]
+        self._exchange_group(stage, tensors_out, divisor, channel=0, after=copy_over)
+
     def wait(self) -> None:
-        for works, peer, finish in self._pending:
-            self.comm.wait(works, peer)
+        for works, comm, peer, finish in self._pending:
+            comm.wait(works, peer)
             finish()
         self._pending.clear()
 
@@ -240,13 +310,51 @@ class Averager:
         by `wait`."""
         if not tensors:
             return
+        if self._grouped(stage):
+            assert self.data is not None
+            # gradients: each pipeline's pair sums to its own batch's gradient, averaged over the pipelines;
+            # weights and buffers: averaged over every copy
+            divisor = self.data.num_groups if combine is _add else self.data.stages[stage].size
+            self._exchange_group(stage, tensors, divisor, channel, after)
+            return
         if peer in self.shared_peers:
             self._exchange_shared(stage, tensors, combine, peer, channel)
         else:
             self._exchange_messages(stage, tensors, combine, peer, channel)
         if after is not None:
-            works, peer, finish = self._pending[-1]
-            self._pending[-1] = (works, peer, _then(finish, after))
+            works, comm, position, finish = self._pending[-1]
+            self._pending[-1] = (works, comm, position, _then(finish, after))
+
+    def _exchange_group(
+        self,
+        stage: int,
+        tensors: list[Tensor],
+        divisor: int,
+        channel: int,
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """All-reduce ``tensors`` over ``stage``'s averaging group (one message per dtype, buffers kept from step
+        to step), then divide the floating-point ones by ``divisor`` and call ``after``; finished by `wait`."""
+        assert self.data is not None
+        comm = self.data.stages[stage]
+        key = (stage, channel)
+        sizes = flat_sizes(tensors)
+        flats = self._group_flats.get(key)
+        if flats is None or {d: t.numel() for d, t in flats.items()} != sizes:
+            flats = {d: torch.empty(n, dtype=d, device=tensors[0].device) for d, n in sizes.items()}
+            self._group_flats[key] = flats
+        flatten_into(tensors, flats)
+        works = [w for flat in flats.values() for w in comm.start_all_reduce(flat)]
+
+        def finish() -> None:
+            for flat in flats.values():
+                if flat.is_floating_point():
+                    flat.div_(divisor)
+            unflatten_into(flats, tensors)
+            if after is not None:
+                after()
+
+        self._pending.append((works, comm, None, finish))
 
     def _exchange_messages(self, stage: int, tensors: list[Tensor], combine: Combine, peer: int, channel: int) -> None:
         """Through the process group, one message per dtype.
@@ -265,7 +373,7 @@ class Averager:
                 combine(send, recv, send)
             unflatten_into({dtype: send for dtype, (send, _) in flats.items()}, tensors)
 
-        self._pending.append((works, peer, finish))
+        self._pending.append((works, self.comm, peer, finish))
 
     def _exchange_shared(self, stage: int, tensors: list[Tensor], combine: Combine, peer: int, channel: int) -> None:
         """Through shared memory: copy into this rank's region, signal, then combine out of the peer's.
@@ -289,7 +397,7 @@ class Averager:
                 combine(own, other, t)
             self._acks[link] = (self._signal(_ACK_MSG, stage, channel, peer), peer)
 
-        self._pending.append((ready, peer, finish))
+        self._pending.append((ready, self.comm, peer, finish))
 
     def _signal(self, kind: int, stage: int, channel: int, peer: int) -> list[Any]:
         """Exchange a one-element message with ``peer`` (kept buffers: each is waited on before its reuse)."""

@@ -219,8 +219,8 @@ class Comm:
         with self._with(peer):
             return [dist.isend(tensor, dst, group=self.group, tag=tag), dist.irecv(out, dst, group=self.group, tag=tag)]
 
-    def wait(self, works: Sequence[Any], peer: int) -> None:
-        """Wait for ``works`` exchanged with group position ``peer``."""
+    def wait(self, works: Sequence[Any], peer: int | None) -> None:
+        """Wait for ``works`` exchanged with group position ``peer`` (None: a collective over the group)."""
         with self._with(peer):
             for work in works:
                 work.wait()
@@ -241,6 +241,11 @@ class Comm:
             out = _empty_from_header(head, self.device)
             dist.broadcast(out, root, group=self.group)
         return out
+
+    def start_all_reduce(self, tensor: Tensor) -> list[Any]:
+        """Start summing ``tensor`` in place over the group; wait on the works returned with `wait` (peer None)."""
+        with self._with():
+            return [dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)]
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return self.all_reduce(tensor, dist.ReduceOp.SUM)

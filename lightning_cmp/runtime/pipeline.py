@@ -17,6 +17,7 @@ from lightning_cmp.partition.materialize import has_meta, materialize, release
 from lightning_cmp.runtime.averaging import Averager
 from lightning_cmp.runtime.comm import Comm, message_tag
 from lightning_cmp.runtime.executor import Executor, Step
+from lightning_cmp.runtime.groups import DataGroups
 from lightning_cmp.runtime.rng import ForwardSeeds
 from lightning_cmp.runtime.stage import StageCopy
 from lightning_cmp.runtime.state import fill, find_tensor, gather_tree
@@ -60,6 +61,11 @@ class Pipeline:
     built on the meta device) and releases every other stage's tensors to the meta device (same shape, no
     memory, same Python objects). `full_state_dict` and `restore_full_module` gather them on one rank.
 
+    ``data`` (several pipelines training data-parallel; ``comm`` is then this rank's pipeline,
+    ``data.pipeline``): every copy of a stage in every pipeline is averaged with the others (gradients summed
+    over each pipeline's copies and averaged over the pipelines: exact SGD on the union of the pipelines' batches),
+    all pipelines start from pipeline 0's values, and each pipeline draws its own dropout masks.
+
     Examples:
         >>> pipe = Pipeline(trace_chain(net), cuts=[3], schedule="cmp", comm=comm)  # doctest: +SKIP
         >>> loss = F.cross_entropy(pipe(x), y); loss.backward(); optimizer.step()  # doctest: +SKIP
@@ -79,6 +85,7 @@ class Pipeline:
         state: Mapping[str, Tensor] | None = None,
         stage_costs: StageCosts | None = None,
         forward_cuts: list[int] | None = None,
+        data: DataGroups | None = None,
     ) -> None:
         if averaging not in AVERAGING:
             raise CMPConfigError(f"averaging={averaging!r}; valid: {', '.join(map(repr, AVERAGING))}")
@@ -94,12 +101,13 @@ class Pipeline:
         self.cuts = list(cuts)
         self.forward_cuts = forward_cuts
         self.comm = comm
+        self.data = data
         self.averaging = averaging
         self.num_microbatches = num_microbatches
         self.placement = Placement(len(cuts) + 1, spec.num_replicas)
         # The same on every rank: an interleaved order is built for the measured costs when given.
         timetable = spec.timetable(self.placement.num_stages, num_microbatches, self.placement, stage_costs)
-        self._averages_gradients = averaging == "gradient" and spec.num_replicas == 2
+        self._averages_gradients = averaging == "gradient" and (spec.num_replicas == 2 or data is not None)
         self.loss_per_microbatch = spec.loss_per_microbatch(num_microbatches)
         #: applied to each microbatch's weighted loss before its backward (e.g. a GradScaler's ``scale``)
         self.loss_scale: Callable[[Tensor], Tensor] | None = None
@@ -108,15 +116,19 @@ class Pipeline:
         self.forward_actions, self.backward_actions = split_phases(program)
         self.eval_actions = lower_forward_only(timetable, self.placement, num_microbatches)[comm.me]
         self.seed = seed
-        self.seeds = ForwardSeeds(seed)  # every stage forward draws dropout masks from its own seed
+        # every stage forward draws dropout masks from its own seed; each pipeline from its own ones
+        self.seeds = ForwardSeeds(seed if data is None else seed + (data.group << 32))
         if not comm.processes:  # a world Comm from the strategy has them already
             comm.gather_processes()
         fill(chain.root, self.local_names(), comm, seed, state)
         # Tensors no stage uses (an unused branch) stay on every rank; one built on the meta device gets memory.
         materialize(chain.root, comm.device, seed, self._unstaged_names())
         self.copies = self._build_copies(seed)
+        if data is not None:
+            data.broadcast_values(self.copies)
         self._mirror_sends, self._mirror_receives = self._mirror_messages()
-        averager = Averager(comm, self.copies, bucket_bytes, shared_memory and spec.num_replicas == 2)
+        mirrors_share = shared_memory and spec.num_replicas == 2 and data is None
+        averager = Averager(comm, self.copies, bucket_bytes, mirrors_share, data)
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
 
@@ -493,10 +505,13 @@ class Pipeline:
         fill(self.chain.root, needed, self.comm, self.seed)
 
     def average_parameters(self) -> None:
-        """Average weights and float buffers of every stage's two copies (parameter averaging)."""
-        if self.num_replicas == 1:
+        """Average weights and float buffers of every stage's copies (parameter averaging), over every pipeline."""
+        if self.num_replicas == 1 and self.data is None:
             return
         for (replica, stage), _ in self.copies.items():
+            if self.num_replicas == 1:
+                self.executor.averager.start_parameters(replica, stage, self.comm.me)
+                continue
             other_rank = self.placement.rank(1 - replica, stage)
             if other_rank == self.comm.me and replica == 1:
                 continue  # the local pair is handled once
@@ -511,7 +526,7 @@ class Pipeline:
         equal after every step, so any difference means something changed one copy only (code that updates
         parameters in place outside the optimizer, on one worker). ``when`` goes in the message.
         """
-        if self.num_replicas == 1:
+        if self.num_replicas == 1 and self.data is None:
             return
         bounds = self.stage_bounds()
         names = []
@@ -519,35 +534,39 @@ class Pipeline:
             params, buffers = self.chain.stage_state_names(bounds[s], bounds[s + 1])
             floats = [b for b in buffers if _is_float(find_tensor(self.chain.root, b))]
             names.append([*params, *floats])
-        mine: dict[tuple[int, int], list[float]] = {}
+        group = self.data.group if self.data is not None else 0
+        mine: dict[tuple[int, int, int], list[float]] = {}
         for (replica, stage), stage_copy in self.copies.items():
             sums = []
             for name in names[stage]:
                 tensor = find_tensor(stage_copy.module, name)
                 assert tensor is not None, name
                 sums.append(tensor.detach().sum(dtype=torch.float64))
-            mine[(replica, stage)] = torch.stack(sums).tolist() if sums else []
-        every: dict[tuple[int, int], list[float]] = {}
-        for theirs in self.comm.all_gather_object(mine):
+            mine[(group, replica, stage)] = torch.stack(sums).tolist() if sums else []
+        every: dict[tuple[int, int, int], list[float]] = {}
+        for theirs in (self.data.world if self.data is not None else self.comm).all_gather_object(mine):
             every.update(theirs)
-        for stage in range(self.placement.num_stages):
-            a, b = every.get((0, stage)), every.get((1, stage))
-            if a is None or b is None:
-                continue
+        for (other_group, replica, stage), b in sorted(every.items()):
+            a = every[(0, 0, stage)]
             # NaN equals NaN here: a run that diverged on one device diverges alike on both copies.
             index = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y and (x == x or y == y)), None)
             if index is None:
                 continue
             name = names[stage][index]
-            ranks = sorted({self.placement.rank(0, stage), self.placement.rank(1, stage)})
+            ranks = sorted({self._global_rank(0, 0, stage), self._global_rank(other_group, replica, stage)})
             where = f"both on rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} and {ranks[1]}"
+            what = "two copies" if self.data is None else f"copies (replica {replica} of pipeline {other_group})"
             raise CopiesDriftedError(
-                f"{when}: the two copies of stage {stage} ({where}) differ, first in {name!r} (sum {a[index]!r} vs "
+                f"{when}: the {what} of stage {stage} ({where}) differ, first in {name!r} (sum {a[index]!r} vs "
                 f"{b[index]!r}); "
                 "they must stay identical. Something changed one copy only: code that updates parameters or "
                 "buffers in place outside the optimizer (in training_step or a callback) runs on each worker's own "
                 "copy. Make such updates through the optimizer, or in the model's forward"
             )
+
+    def _global_rank(self, group: int, replica: int, stage: int) -> int:
+        position = self.placement.rank(replica, stage)
+        return self.comm.ranks[position] if self.data is None else self.data.layout.pipeline_ranks(group)[position]
 
     def clip_grad_norm_(self, max_norm: float, extra: list[Tensor] | None = None) -> Tensor:
         """Clip each replica's gradients by its global 2-norm over all stages (a collective)."""

@@ -55,6 +55,9 @@ def _averages(rank: int, backwards: list[Action], placement: Placement) -> dict[
     averages = {}
     for stage, i in last_index.items():
         replica = backwards[i].replica
+        if placement.num_replicas == 1:  # one copy per pipeline: averaged with the other pipelines' only
+            averages[i] = Action(Kind.AVERAGE, replica, stage, 0, rank)
+            continue
         peer = placement.rank(1 - replica, stage)
         shared = peer == rank  # odd K, middle rank: both copies live here, so one exchange covers them
         averages[i] = Action(Kind.AVERAGE, 0 if shared else replica, stage, 0, peer)
@@ -91,8 +94,9 @@ def lower(
     (the microbatch's output gradient, from the user's loss) comes right before each last-stage backward, and
     the OUTPUT actions close the stream, after the averaging finished.
 
-    With ``average_gradients`` and two replicas, each stage copy starts an ``AVERAGE`` with its mirror right
-    after its last backward's gradient send, and ``WAIT_AVERAGE`` waits for them all.
+    With ``average_gradients``, each stage copy starts an ``AVERAGE`` with its mirror right after its last
+    backward's gradient send, and ``WAIT_AVERAGE`` waits for them all. With one replica its peer is the rank
+    itself: the copy is averaged with the other data-parallel pipelines' copies only (asked for only then).
 
     Examples:
         >>> from lightning_cmp.schedule.cmp import cmp
@@ -103,7 +107,7 @@ def lower(
         >>> [str(a) for a in program[1][4:7]]
         ['LOSS.A1.m0', 'B.A1.m0', 'SEND_GRAD.A1.m0->0']
     """
-    average = average_gradients and placement.num_replicas == 2
+    average = average_gradients
     if not loss_per_microbatch:
         program = lower_forward_only(timetable, placement, num_microbatches)
         for rank, stream in program.items():

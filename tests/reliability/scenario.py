@@ -19,6 +19,7 @@ Config keys (all optional except ``out``, ``devices`` and ``runs``):
 - ``dict_batch``: batches are nested dicts (with a string field) that ``training_step`` unpacks;
 - ``expect_error``: go on with the next run when this one fails (on every rank alike);
 - ``timeout`` (top level): ``CMPStrategy(timeout=...)`` in seconds;
+- ``num_stages`` (top level): ``CMPStrategy(num_stages=...)``; fewer than ``devices`` trains data-parallel pipelines;
 - ``start_delay`` (top level): seconds every rank but 0 sleeps before its first fit (a worker slow to start).
 """
 
@@ -151,7 +152,10 @@ def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
     devices = cfg["devices"]
     timeout = timedelta(seconds=cfg["timeout"]) if "timeout" in cfg else lightning_cmp.strategy.DEFAULT_TIMEOUT
     strategy = lightning_cmp.CMPStrategy(
-        averaging=run.get("averaging", "gradient"), partition=run.get("partition", "uniform"), timeout=timeout
+        averaging=run.get("averaging", "gradient"),
+        partition=run.get("partition", "uniform"),
+        timeout=timeout,
+        num_stages=cfg.get("num_stages"),
     )
     copies, start = Copies(), Start()
     folder = out / run.get("resume", run["name"])

@@ -53,6 +53,22 @@ def test_sigkilled_worker_stops_the_others_and_is_named(tmp_path: Path) -> None:
     assert errors[1].startswith("PeerLostError: rank 2 (peer of rank 1) stopped answering")
 
 
+# Two data-parallel pipelines of 2 stages (4 workers): a worker lost in either pipeline ends every worker of the
+# job, the other pipeline's included (it waits in the averaging collective), each naming the lost rank.
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("rank", "how"), [(3, "sigkill"), (1, "sigstop")])
+def test_a_worker_lost_in_any_pipeline_ends_every_pipeline(tmp_path: Path, rank: int, how: str) -> None:
+    _, errors, exit_s = _run_fault(tmp_path, devices=4, rank=rank, how=how, num_stages=2, timeout=5)
+    survivors = [r for r in range(4) if r != rank]
+    # Lightning's observer in rank 0 kills every worker once one exits, so not every survivor gets to report
+    assert errors, "no survivor reported"
+    for r, error in errors.items():
+        assert r in survivors and error.startswith("PeerLostError: "), (r, error)
+        assert f"rank {rank}" in error, (r, error)
+    if how == "sigstop":
+        assert exit_s >= 5
+
+
 @pytest.mark.timeout(300)
 def test_worker_raising_in_its_step_stops_the_others(tmp_path: Path) -> None:
     _, errors, _ = _run_fault(tmp_path, devices=2, rank=1, how="raise")

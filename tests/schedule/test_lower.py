@@ -10,10 +10,17 @@ def streams(program: dict[int, list[Action]]) -> dict[int, list[str]]:
 
 
 def test_mp_k2_program() -> None:
-    assert streams(lower(mp(2), Placement(2), 1, average_gradients=True)) == {
+    assert streams(lower(mp(2), Placement(2), 1, average_gradients=False)) == {
         0: ["F.A0.m0", "SEND_ACT.A0.m0->1", "OUTPUT.A1.m0", "RECV_GRAD.A1.m0<-1", "B.A0.m0"],
         1: ["RECV_ACT.A0.m0<-0", "F.A1.m0", "OUTPUT.A1.m0", "B.A1.m0", "SEND_GRAD.A1.m0->0"],
     }
+
+
+def test_one_replica_averages_with_the_other_pipelines_only() -> None:
+    # data-parallel mp pipelines: each stage's single copy is averaged over the pipelines (peer: the rank itself)
+    program = streams(lower(mp(2), Placement(2), 1, average_gradients=True))
+    assert program[0][-3:] == ["B.A0.m0", "AVERAGE.A0.m0<->0", "WAIT_AVERAGE"]
+    assert program[1][-3:] == ["SEND_GRAD.A1.m0->0", "AVERAGE.A1.m0<->1", "WAIT_AVERAGE"]
 
 
 def test_cmp_k2_program_averages_after_each_last_backward() -> None:
@@ -36,8 +43,8 @@ def test_cmp_odd_k_middle_rank_averages_once_after_the_later_copy() -> None:
     assert str(middle[-1]) == "WAIT_AVERAGE"
 
 
-def test_no_averaging_without_flag_or_second_replica() -> None:
-    for program in (lower(cmp(4), Placement(4, 2), 1, False), lower(mp(4), Placement(4), 1, True)):
+def test_no_averaging_without_flag() -> None:
+    for program in (lower(cmp(4), Placement(4, 2), 1, False), lower(mp(4), Placement(4), 1, False)):
         kinds = {a.kind for actions in program.values() for a in actions}
         assert not kinds & {Kind.AVERAGE, Kind.WAIT_AVERAGE}
 

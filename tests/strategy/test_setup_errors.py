@@ -34,16 +34,25 @@ def test_one_device_is_refused_at_construction() -> None:
         L.Trainer(accelerator="cpu", devices=1, strategy="cmp")
 
 
-@pytest.mark.parametrize(("num_stages", "devices"), [(3, 2), (2, 3), (2, 4)])
-def test_num_stages_must_match_the_workers(num_stages: int, devices: int) -> None:
-    # too few workers to hold the stages, and more workers than stages (even a multiple: no data parallelism yet)
+@pytest.mark.parametrize(
+    ("num_stages", "devices", "fits", "more"), [(3, 2, [2], 3), (2, 3, [3], 4), (4, 6, [2, 3, 6], 8)]
+)
+def test_num_stages_must_divide_the_workers(num_stages: int, devices: int, fits: list[int], more: int) -> None:
+    # too few workers to hold the stages, or a number of workers that is not a whole number of pipelines
     message = (
-        rf"num_stages={num_stages} but the Trainer has {devices} workers \(devices x num_nodes\); one pipeline uses "
-        rf"one worker per stage and data-parallel groups are not supported yet: use devices={num_stages} or "
-        rf"num_stages={devices}"
+        rf"num_stages={num_stages} does not divide the Trainer's {devices} workers "
+        rf"\(devices={devices} x num_nodes=1\): each data-parallel pipeline takes num_stages workers. "
+        rf"Use num_stages in \{fits}, or a multiple of {num_stages} workers \(e.g. {more}\)"
     )
     with pytest.raises(CMPConfigError, match=message):
         L.Trainer(accelerator="cpu", devices=devices, strategy=CMPStrategy(num_stages=num_stages))
+
+
+def test_a_multiple_of_num_stages_makes_data_parallel_pipelines() -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=6, strategy=CMPStrategy(num_stages=3), logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, CMPStrategy)
+    assert (strategy.num_stages, strategy.num_groups) == (3, 2)
 
 
 def test_unknown_strategy_name_is_lightnings_error() -> None:

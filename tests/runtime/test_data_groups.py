@@ -1,0 +1,103 @@
+"""Data-parallel pipeline groups: D pipelines of K stages train to single-process SGD on the union of their batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_cmp.partition import trace_chain, uniform_cuts
+from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
+from lightning_cmp.runtime.groups import DataGroups, GroupLayout
+from lightning_cmp.schedule import Placement, get_schedule
+from tests.helpers.launch import run_workers
+from tests.helpers.models import batches, build, train_reference, train_steps
+
+STEPS = 4
+GROUPS = 2
+# (model, schedule, averaging, num_microbatches)
+CASES: list[tuple[str, str, str, int]] = [
+    ("sequential", "cmp", "gradient", 1),
+    ("resnet18", "cmp", "gradient", 1),
+    ("sequential", "mp", "gradient", 1),
+    ("resnet18", "mp", "gradient", 1),
+    ("sequential", "gpipe", "gradient", 2),
+    ("resnet18", "cmp", "gradient", 2),
+    # Averaging every copy's weights after every SGD step is linear in the gradients: it matches too.
+    ("sequential", "cmp", "parameter", 1),
+    ("sequential", "mp", "parameter", 1),
+]
+
+
+def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str, microbatches: int) -> dict:
+    num_stages = world // GROUPS
+    model = build(model_name)
+    if rank >= num_stages:  # the other pipelines start from other values: pipeline 0's must win
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    chain = trace_chain(model)
+    world_comm = Comm.world(rank, torch.device("cpu"))
+    data = DataGroups.build(world_comm, num_stages, Placement(num_stages, get_schedule(schedule).num_replicas))
+    pipe = Pipeline(
+        chain,
+        uniform_cuts(chain.num_blocks, num_stages),
+        schedule,
+        data.pipeline,
+        averaging,
+        microbatches,
+        bucket_bytes=64 << 10,  # many buckets: started one by one, in order, while backward runs
+        data=data,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
+    after_step = pipe.average_parameters if averaging == "parameter" else None
+    # Pipeline g takes rows [g * b, (g + 1) * b) of every global batch of GROUPS * b rows.
+    mine = [(x.chunk(GROUPS)[data.group], y.chunk(GROUPS)[data.group]) for x, y in batches(STEPS)]
+    losses = train_steps(pipe, opt, mine, after_step)
+    pipe.check_copies("after training")
+    pipe.close()
+    return {"state": pipe.full_state_dict(dst=None), "losses": losses, "group": data.group}
+
+
+def _all_cases(rank: int, world: int) -> list[dict]:
+    cases = CASES if world == 4 else [c for c in CASES if c[0] == "sequential"]
+    return [_train(rank, world, *case) for case in cases]
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    return {name: train_reference(name, STEPS) for name in {c[0] for c in CASES}}
+
+
+@pytest.mark.parametrize("world", [4, 6])
+def test_groups_equal_single_process_sgd_on_the_union_of_their_batches(world: int, references: dict) -> None:
+    results = run_workers(_all_cases, world, timeout=300)
+    cases = CASES if world == 4 else [c for c in CASES if c[0] == "sequential"]
+    for index, case in enumerate(cases):
+        ref_state, ref_losses = references[case[0]]
+        per_group: dict[int, list[float]] = {}
+        for rank, per_rank in enumerate(results):
+            got = per_rank[index]
+            label = f"{case} K={world // GROUPS} D={GROUPS} rank {rank}"
+            assert got["group"] == rank // (world // GROUPS), label
+            worst = max(
+                ((got["state"][k] - v).abs().max() / v.abs().max().clamp_min(1e-12)).item()
+                for k, v in ref_state.items()
+            )
+            assert worst < 1e-5, label
+            per_group[got["group"]] = got["losses"]
+        # each pipeline's loss is the mean over its own rows; their mean is the global batch's loss
+        mean = [sum(step) / GROUPS for step in zip(*per_group.values(), strict=True)]
+        assert mean == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), case
+        assert per_group[0] != per_group[1], case  # the pipelines really saw different rows
+
+
+def test_layout_keeps_pipelines_consecutive_and_groups_every_copy_of_a_stage() -> None:
+    layout = GroupLayout(num_stages=3, num_groups=2)
+    assert [layout.pipeline_ranks(g) for g in range(2)] == [[0, 1, 2], [3, 4, 5]]
+    assert [layout.data_ranks(p) for p in range(3)] == [[0, 3], [1, 4], [2, 5]]
+    cmp, mp = Placement(3, 2), Placement(3, 1)
+    # cmp: stage s lives at positions s and 2 - s; the middle stage's two copies share a rank
+    assert [layout.stage_ranks(s, cmp) for s in range(3)] == [[0, 2, 3, 5], [1, 4], [0, 2, 3, 5]]
+    assert [layout.stage_ranks(s, mp) for s in range(3)] == [[0, 3], [1, 4], [2, 5]]
+    assert layout.copies_of_stage(1, cmp) == 4 and layout.copies_of_stage(1, mp) == 2
