@@ -121,7 +121,8 @@ class CMPStrategy(ParallelStrategy):
 
     Args:
         num_stages: stages the model is cut into; defaults to the number of workers. It must divide the number of
-            workers (``devices x num_nodes``); the quotient is the number of data-parallel pipelines.
+            workers (``devices x num_nodes``); the quotient is the number of data-parallel pipelines. ``1`` keeps
+            the whole model on every worker (data parallelism only, e.g. ``strategy="sharded_dp"``).
         schedule: ``"cmp"`` (two reversed replicas), ``"mp"`` (plain model parallel baseline), ``"gpipe"``
             (one replica, ``num_microbatches`` microbatches, fill then drain), or an asynchronous 1F1B pipeline on
             whole mini-batches with per-stage updates: ``"spectrain"`` (weights predicted from the momentum),
@@ -132,9 +133,12 @@ class CMPStrategy(ParallelStrategy):
             out the workers' loads, from costs measured on the first batch; see the "Bi-Partition" page),
             explicit cut indices (first block of stages 1..K-1) or an explicit Bi-Partition
             ``{"forward": [...], "backward": [...]}``.
-        averaging: ``"gradient"`` (sum the copies' gradients every step; equals single-device training) or
-            ``"parameter"`` (each replica steps on its half batch; weights and buffers averaged every
-            ``average_every`` steps and whenever the model is evaluated, saved or returned).
+        averaging: ``"gradient"`` (sum the copies' gradients every step; equals single-device training),
+            ``"sharded"`` (the same result by Lee et al.'s overlapped form: gradients reduce-scattered over each
+            stage's copies as backward makes them, each copy steps and keeps optimizer state for its 1/n shard, the
+            updated weights all-gathered before the stage's next forward) or ``"parameter"`` (each replica steps on
+            its half batch; weights and buffers averaged every ``average_every`` steps and whenever the model is
+            evaluated, saved or returned).
         average_every: steps between parameter averages (``averaging="parameter"`` only).
         module: dotted name of the submodule to split; ``None`` splits the LightningModule's ``forward``.
         num_microbatches: microbatches per replica and step (``None``: the schedule's default, 1 for cmp/mp).
@@ -369,6 +373,17 @@ class CMPStrategy(ParallelStrategy):
                 f"{self.num_processes} x num_nodes={self.num_nodes}): each data-parallel pipeline takes num_stages "
                 f"workers. Use num_stages in {fits}, or a multiple of {self.num_stages} workers (e.g. {more})"
             )
+        if self.averaging == "sharded" and self.num_groups == 1 and get_schedule(name).num_replicas == 1:
+            raise CMPConfigError(
+                f"averaging='sharded' splits each stage's optimizer step over the stage's copies, but "
+                f"strategy={name!r} on {world} workers with num_stages={self.num_stages} has one copy of each: use "
+                f"schedule='cmp' (two copies), or more workers than stages (data-parallel pipelines)"
+            )
+        if get_schedule(name).asynchronous and self.averaging != "gradient":
+            raise CMPConfigError(
+                f"strategy={name!r} updates each stage from its own mini-batch and has no copies to average: "
+                f"remove averaging={self.averaging!r}"
+            )
         if self.num_groups > 1 and get_schedule(name).asynchronous:
             raise CMPConfigError(
                 f"strategy={name!r} with {world} workers and num_stages={self.num_stages} would train "
@@ -400,7 +415,7 @@ class CMPStrategy(ParallelStrategy):
         self._comm = Comm.world(self.global_rank, self.root_device)
         if self.num_stages is None:  # an external launcher set the world without _configure_launcher
             self.num_stages = self.world_size
-        if self.num_groups > 1:
+        if self.num_groups > 1 or self.averaging == "sharded":  # sharded: over the mirror pair too
             replicas = get_schedule(self.schedule).num_replicas
             placement = Placement(self.num_stages, replicas)
             self._groups = DataGroups.build(self._comm, self.num_stages, placement, self._timeout)
@@ -432,7 +447,31 @@ class CMPStrategy(ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             if get_schedule(self.schedule).asynchronous:
                 self._check_asynchronous(trainer)
+            if self.averaging == "sharded":
+                self._check_sharded(trainer)
         self._patch(module)
+
+    def _check_sharded(self, trainer: Trainer) -> None:
+        """What the sharded form (each copy steps 1/n of its stage) cannot do yet, refused before training."""
+        problems = []
+        if trainer.gradient_clip_val:
+            problems.append(
+                f"gradient_clip_val={trainer.gradient_clip_val}: no worker holds a whole gradient to take the norm "
+                "of; remove it or use averaging='gradient'"
+            )
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            problems.append("precision='16-mixed' (its loss scaler): use precision='bf16-mixed' or '32-true'")
+        if self.keep_split:
+            problems.append("keep_split=True: checkpoints gather the shards on rank 0; use keep_split=False")
+        if self.partition == "bipartition" or isinstance(self.partition, Mapping):
+            problems.append(f"partition={self.partition!r}: use 'balanced', 'uniform' or explicit cut indices")
+        if get_schedule(self.schedule).loss_per_microbatch(self.num_microbatches):
+            problems.append(
+                f"num_microbatches={self.num_microbatches} with schedule={self.schedule!r} (each microbatch's loss "
+                "inside the forward): use num_microbatches=1 or schedule='gpipe'"
+            )
+        if problems:
+            raise CMPConfigError("averaging='sharded' cannot run with " + "; ".join(problems))
 
     def _check_asynchronous(self, trainer: Trainer) -> None:
         """What an asynchronous schedule (stages updated one mini-batch at a time) cannot keep single-device
@@ -545,7 +584,8 @@ class CMPStrategy(ParallelStrategy):
         comm = self._groups.pipeline if self._groups is not None else world
         # The same cuts and per-stage costs (what an interleaved schedule orders its microbatches for) everywhere:
         # planned in each pipeline, pipeline 0's plan taken by all.
-        plan = plan_partition(self.partition, self._chain, x, comm, self.schedule, self.num_microbatches)
+        partition = self.partition if comm.size > 1 else "uniform"  # one stage: nothing to balance
+        plan = plan_partition(partition, self._chain, x, comm, self.schedule, self.num_microbatches)
         if self._groups is not None:
             plan = world.broadcast_object(plan, 0)
         where = f"at blocks {plan.cuts}"
@@ -594,6 +634,9 @@ class CMPStrategy(ParallelStrategy):
         if isinstance(pipeline, AsyncPipeline):
             for layout in self._layouts:
                 pipeline.attach_optimizer(layout.optimizer)
+        if self.averaging == "sharded":  # after the state is restored: the shards take their slices of it
+            for layout in self._layouts:
+                pipeline.shard(layout.optimizer)
         return pipeline
 
     def _pending_split_state(self) -> dict[str, Tensor] | None:
@@ -709,9 +752,11 @@ class CMPStrategy(ParallelStrategy):
 
         result = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._optimizer_steps += 1
+        if self._pipeline is not None:
+            self._pipeline.after_optimizer_step()  # sharded: the updated shards start out to every copy
         if self.averaging == "parameter" and self._optimizer_steps % self.average_every == 0:
             self._average_parameters()
-        elif self.averaging == "gradient" and self._optimizer_steps % CHECK_COPIES_EVERY == 0:
+        elif self.averaging != "parameter" and self._optimizer_steps % CHECK_COPIES_EVERY == 0:
             self._check_copies(f"after optimizer step {self._optimizer_steps}")
         return result
 
@@ -770,7 +815,7 @@ class CMPStrategy(ParallelStrategy):
     @override
     def on_train_end(self) -> None:
         self._drain()
-        if self.averaging == "gradient":
+        if self.averaging != "parameter":
             self._check_copies("at the end of fit")
 
     def _check_copies(self, when: str) -> None:
@@ -925,7 +970,14 @@ class CMPStrategy(ParallelStrategy):
         if self._streams():
             tag = ("optim", self._layouts.index(layout))
             return layout.split_state_dict(self._pipeline, 0, self._remote, tag) or {}
-        return layout.full_state_dict(self._pipeline, dst=0) or {}
+        shards = self._pipeline.shards
+        if shards is None:
+            return layout.full_state_dict(self._pipeline, dst=0) or {}
+        shards.unshard_state()  # every parameter's whole state, for the checkpoint's usual layout
+        try:
+            return layout.full_state_dict(self._pipeline, dst=0) or {}
+        finally:
+            shards.drop_unsharded_state()
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -960,6 +1012,8 @@ class CMPStrategy(ParallelStrategy):
             self._average_parameters()
             if not self.keep_split:
                 self._pipeline.restore_full_module(dst=0)
+            if self._pipeline.shards is not None:  # the optimizer gets its parameters back, with whole state
+                self._pipeline.shards.unshard()
             for layout in self._layouts:
                 layout.restore()
         if self._pipeline is not None:
@@ -996,6 +1050,16 @@ class CMPStrategy(ParallelStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, spec in SCHEDULES.items():
             strategy_registry.register(name, cls, description=spec.description, schedule=name, override=True)
+        strategy_registry.register(
+            "sharded_dp",
+            cls,
+            description="data parallelism with Lee et al.'s overlapped averaging: gradients reduce-scattered during "
+            "backward, a sharded optimizer step, weights all-gathered before the next forward",
+            schedule="mp",
+            num_stages=1,
+            averaging="sharded",
+            override=True,
+        )
 
 
 def _submodule(module: LightningModule, name: str) -> nn.Module:
@@ -1071,8 +1135,11 @@ def _check_arguments(
     num_stages: int | None, schedule: str, partition: Partition, averaging: str, average_every: int
 ) -> None:
     get_schedule(schedule)
-    if num_stages is not None and num_stages < 2:
-        raise CMPConfigError(f"num_stages={num_stages}; a pipeline needs at least 2 stages (None: one per worker)")
+    if num_stages is not None and num_stages < 1:
+        raise CMPConfigError(
+            f"num_stages={num_stages}; use a whole number >= 1 (None: one stage per worker; 1: the whole model on "
+            "every worker, data parallelism only)"
+        )
     if isinstance(partition, str) and partition not in PARTITIONS:
         raise unknown_name("partition", partition, PARTITIONS)
     if averaging not in AVERAGING:

@@ -17,6 +17,7 @@ from lightning_cmp.runtime.stage import StageCopy
 
 if TYPE_CHECKING:
     from lightning_cmp.runtime.groups import DataGroups
+    from lightning_cmp.runtime.sharded import Shards
 
 __all__ = ["Averager", "flat_sizes", "flat_views", "flatten_into", "unflatten_into"]
 
@@ -140,6 +141,8 @@ class Averager:
         self.comm = comm
         self.copies = copies
         self.data = data
+        #: Lee et al.'s sharded form (`lightning_cmp.runtime.sharded`): it takes over the copies' gradients
+        self.shards: Shards | None = None
         self._next_bucket: dict[tuple[int, int], int] = {}  # data groups: the next bucket to start, in order
         self._regions: SharedRegions | None = None
         self.shared_peers: set[int] = set()  # group positions reached through shared memory
@@ -175,6 +178,8 @@ class Averager:
         After a failure (``drain=False``) nothing is waited for (the peer may be gone), and what is in flight is
         kept alive for the life of the process instead of freed.
         """
+        if self.shards is not None:
+            self.shards.close(drain)
         if drain:
             self.wait()
             for works, peer in self._acks.values():
@@ -199,6 +204,9 @@ class Averager:
         """From now on, send this copy's gradient buckets to ``peer`` as soon as they are complete."""
         if self._local_pair(replica, stage) or (peer == self.comm.me and not self._grouped(stage)):
             return  # both copies here: combined once both backwards are done
+        if self.shards is not None:
+            self.shards.arm((replica, stage))
+            return
         self._armed[(replica, stage)] = peer
         self._next_bucket[(replica, stage)] = 0
         for bucket in self._buckets[(replica, stage)]:
@@ -233,6 +241,9 @@ class Averager:
     def start_gradients(self, replica: int, stage: int, peer: int) -> None:
         """Sum this copy's gradients with its mirror's (the buckets not sent yet go now)."""
         mine = self.copies[(replica, stage)]
+        if self.shards is not None:
+            self._start_sharded(replica, stage, peer)
+            return
         if self._local_pair(replica, stage):  # both copies of the stage live here
             self._sum_local(mine, self.copies[(1 - replica, stage)])
             if self._grouped(stage):
@@ -248,6 +259,25 @@ class Averager:
                 self._start_bucket(key, index)
         del self._armed[key]
         self._exchange(stage, mine.float_buffers(), _average, peer, channel=0)
+
+    def _start_sharded(self, replica: int, stage: int, peer: int) -> None:
+        """Sharded form: the gradients go through the shards' reduce-scatter, buffers are averaged as usual."""
+        assert self.shards is not None and self.data is not None
+        mine = self.copies[(replica, stage)]
+        pair = self._local_pair(replica, stage)
+        self.shards.start((replica, stage) if (replica, stage) in self.shards.copies else (1 - replica, stage))
+        buffers = mine.float_buffers()
+        if not pair:
+            self._exchange(stage, buffers, _average, peer, channel=0)
+            return
+        other = self.copies[(1 - replica, stage)].float_buffers()
+        _average_local(buffers, other)
+
+        def copy_over() -> None:
+            for b, c in zip(buffers, other, strict=True):
+                c.copy_(b)
+
+        self._exchange_group(stage, buffers, self.data.num_groups, channel=0, after=copy_over)
 
     def start_parameters(self, replica: int, stage: int, peer: int) -> None:
         mine = self.copies[(replica, stage)]
@@ -296,6 +326,8 @@ class Averager:
             comm.wait(works, peer)
             finish()
         self._pending.clear()
+        if self.shards is not None:
+            self.shards.wait()
 
     def _exchange(
         self,

@@ -84,6 +84,9 @@ def _out_of_memory(err: RuntimeError) -> bool:
 
 
 _ABANDONED: list[Any] = []  # see `Comm.abandon`
+# torch 2.14 renamed the single-tensor collectives; older releases have only the old names.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def message_tag(kind: int, replica: int, stage: int, microbatch: int) -> int:
@@ -246,6 +249,16 @@ class Comm:
         """Start summing ``tensor`` in place over the group; wait on the works returned with `wait` (peer None)."""
         with self._with():
             return [dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)]
+
+    def start_reduce_scatter(self, out: Tensor, tensor: Tensor) -> list[Any]:
+        """Start summing ``tensor`` over the group, group position ``i`` receiving slice ``i`` into ``out``."""
+        with self._with():
+            return [_reduce_scatter(out, tensor, group=self.group, async_op=True)]
+
+    def start_all_gather(self, out: Tensor, tensor: Tensor) -> list[Any]:
+        """Start gathering every position's ``tensor`` into ``out``, position ``i`` at slice ``i``."""
+        with self._with():
+            return [_all_gather(out, tensor, group=self.group, async_op=True)]
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return self.all_reduce(tensor, dist.ReduceOp.SUM)

@@ -90,9 +90,7 @@ class DataGroups:
         return self.layout.num_groups
 
     @classmethod
-    def build(
-        cls, world: Comm, num_stages: int, placement: Placement, timeout: timedelta | None = None
-    ) -> DataGroups:
+    def build(cls, world: Comm, num_stages: int, placement: Placement, timeout: timedelta | None = None) -> DataGroups:
         """Create every pipeline, data and averaging group (a collective: every rank creates every group, in the
         same order, as ``torch.distributed.new_group`` requires) and keep the ones this rank belongs to.
 

@@ -89,6 +89,14 @@ class OptimizerLayout:
         if pipeline.comm.me != dst:
             return None
         merged = {index: _mean_state(found) for index, found in copies.items()}
+        if pipeline.data is not None and pipeline.averaging == "parameter":
+            # each pipeline's copies followed their own batches: the mean over the pipelines is what the averaged
+            # weights follow (a collective of the pipelines' ``dst`` ranks)
+            for _, entry in sorted(merged.items()):
+                for key, value in sorted(entry.items()):
+                    if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0:
+                        total = pipeline.data.data.all_reduce_sum(value.to(pipeline.comm.device, copy=True))
+                        entry[key] = (total / pipeline.data.num_groups).to(value.device)
         return {"state": dict(sorted(merged.items())), "param_groups": self._groups()}
 
     def split_state_dict(

@@ -19,13 +19,14 @@ from lightning_cmp.runtime.comm import Comm, message_tag
 from lightning_cmp.runtime.executor import Executor, Step
 from lightning_cmp.runtime.groups import DataGroups
 from lightning_cmp.runtime.rng import ForwardSeeds
+from lightning_cmp.runtime.sharded import Shards
 from lightning_cmp.runtime.stage import StageCopy
 from lightning_cmp.runtime.state import fill, find_tensor, gather_tree
 from lightning_cmp.schedule import Placement, StageCosts, get_schedule, lower, lower_forward_only, split_phases
 
 __all__ = ["LossFn", "Pipeline"]
 
-AVERAGING = ("gradient", "parameter")
+AVERAGING = ("gradient", "parameter", "sharded")
 _MIRROR_MSG = 8  # message kind: the weights of a stage's lead blocks, sent to the worker that runs their forward
 #: the tensors of one mirror refresh message, its peer and its tag
 _MirrorMessage = tuple[list[Tensor], int, int]
@@ -107,7 +108,11 @@ class Pipeline:
         self.placement = Placement(len(cuts) + 1, spec.num_replicas)
         # The same on every rank: an interleaved order is built for the measured costs when given.
         timetable = spec.timetable(self.placement.num_stages, num_microbatches, self.placement, stage_costs)
-        self._averages_gradients = averaging == "gradient" and (spec.num_replicas == 2 or data is not None)
+        if averaging == "sharded" and data is None:
+            raise CMPConfigError("averaging='sharded' shards each stage over its averaging group: pass data=DataGroups")
+        # "sharded" averages the gradients too (reduce-scatter instead of all-reduce; see `shard`)
+        gradients = averaging in ("gradient", "sharded")
+        self._averages_gradients = gradients and (spec.num_replicas == 2 or data is not None)
         self.loss_per_microbatch = spec.loss_per_microbatch(num_microbatches)
         #: applied to each microbatch's weighted loss before its backward (e.g. a GradScaler's ``scale``)
         self.loss_scale: Callable[[Tensor], Tensor] | None = None
@@ -131,6 +136,28 @@ class Pipeline:
         averager = Averager(comm, self.copies, bucket_bytes, mirrors_share, data)
         self.executor = Executor(self.placement, comm, self.copies, averager)
         self._release_non_local()
+
+    def shard(self, optimizer: torch.optim.Optimizer, bucket_bytes: int | None = None) -> Shards:
+        """Lee et al.'s form of ``averaging="sharded"``: ``optimizer`` (narrowed to this rank's copies, state
+        loaded) steps only this rank's shard of each stage; call `after_optimizer_step` after each of its steps."""
+        assert self.data is not None
+        shards = Shards(self.copies, self.data.stages, self.data.num_groups, optimizer, bucket_bytes)
+        self.executor.averager.shards = shards
+        return shards
+
+    @property
+    def shards(self) -> Shards | None:
+        return self.executor.averager.shards
+
+    def after_optimizer_step(self) -> None:
+        """Start sending the updated shards to every copy (waited for before each stage's next forward)."""
+        if self.shards is not None:
+            self.shards.start_gathers()
+
+    def wait_parameters(self) -> None:
+        """Every copy holds its stage's current weights (sharded averaging: the gathers have arrived)."""
+        if self.shards is not None:
+            self.shards.wait_gathers()
 
     def close(self, drain: bool = True) -> None:
         """Detach from the model: remove the averaging hooks from its parameters (call once training ends).
@@ -477,6 +504,7 @@ class Pipeline:
         A collective. Each stage comes from the rank holding its replica-A copy, one tensor at a time, so no
         rank but ``dst`` ever holds more than its own stages. ``dst=None``: on every rank (tests, debugging).
         """
+        self.wait_parameters()
         mine = {name: t for name in self.owned_names() if (t := find_tensor(self.chain.root, name)) is not None}
         parts = gather_tree(mine, self.comm, 0 if dst is None else dst)
         if dst is None:
@@ -493,6 +521,7 @@ class Pipeline:
 
     def load_full_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Copy this rank's stages out of a whole (unsplit) state dict into its local copies."""
+        self.wait_parameters()
         for name in self.local_names():
             if name in state:
                 for tensor in self.copies_of(name):
@@ -501,6 +530,7 @@ class Pipeline:
     def restore_full_module(self, dst: int = 0) -> None:
         """Put the whole model back into the traced module on rank ``dst`` (a collective); the other ranks keep
         their own stages."""
+        self.wait_parameters()
         needed = self.staged_names() if self.comm.me == dst else set()
         fill(self.chain.root, needed, self.comm, self.seed)
 
@@ -508,6 +538,7 @@ class Pipeline:
         """Average weights and float buffers of every stage's copies (parameter averaging), over every pipeline."""
         if self.num_replicas == 1 and self.data is None:
             return
+        self.wait_parameters()
         for (replica, stage), _ in self.copies.items():
             if self.num_replicas == 1:
                 self.executor.averager.start_parameters(replica, stage, self.comm.me)
@@ -528,6 +559,7 @@ class Pipeline:
         """
         if self.num_replicas == 1 and self.data is None:
             return
+        self.wait_parameters()
         bounds = self.stage_bounds()
         names = []
         for s in range(self.placement.num_stages):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -43,7 +44,8 @@ class StageCopy:
       train/eval flags.
 
     Under an asynchronous schedule ``weights`` (`lightning_cmp.runtime.weights.StageWeights`) gives each
-    training forward the weights its policy asks for.
+    training forward the weights its policy asks for. ``before_forward``, when set, runs before every forward
+    (sharded averaging waits there for the stage's updated weights).
 
     Examples:
         >>> copy = StageCopy(replica=0, stage=1, module=nn.Linear(4, 2))
@@ -68,6 +70,7 @@ class StageCopy:
         self.lead = lead
         self.tail = tail
         self.weights: StageWeights | None = None
+        self.before_forward: Callable[[], None] | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -90,6 +93,8 @@ class StageCopy:
         the caller's random stream is left as it was. The backward draws none: autograd keeps the masks.
         ``recording``: what the previous worker recorded of this copy's ``lead`` blocks (training only).
         """
+        if self.before_forward is not None:
+            self.before_forward()
         _follow(self.module, self.twin)
         if training and (self.lead is None) != (recording is None):
             raise RuntimeError(

@@ -4,7 +4,9 @@
 
 Several fits in one launch (one worker start for every case): each case trains ``LitCNN`` on ``devices`` workers
 with ``num_stages=2`` and saves, per rank, what it saw; the test compares them with one device on the union of the
-pipelines' batches.
+pipelines' batches. A case is ``[schedule, averaging]`` (``CMPStrategy(num_stages=2, ...)``) or a registered
+strategy name (``["sharded_dp", ""]``). Optional keys: ``cases``, ``batch`` (the global batch, split over the
+pipelines) and ``resume`` (a checkpoint every case resumes from, e.g. one written with another number of pipelines).
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ from tests.helpers.lit import LitCNN, loader
 from tests.helpers.scenario import Recorder
 
 #: (schedule, averaging): each fit of the launch
-CASES = [("cmp", "gradient"), ("mp", "gradient"), ("cmp", "parameter")]
-BATCH = 8  # per pipeline
+CASES = [
+    ("cmp", "gradient"),
+    ("mp", "gradient"),
+    ("cmp", "parameter"),
+    ("cmp", "sharded"),
+    ("mp", "sharded"),
+    ("sharded_dp", ""),  # pure data parallelism, one pipeline of one stage per worker
+]
+BATCH = 16  # the global batch: each of the D pipelines takes BATCH / D samples per step
 EPOCHS = 2
 
 
@@ -47,15 +56,20 @@ def run(cfg: dict, schedule: str, averaging: str, out: Path) -> dict[str, Any]:
         accelerator="cpu",
         devices=cfg["devices"],
         num_nodes=cfg.get("num_nodes", 1),
-        strategy=lightning_cmp.CMPStrategy(num_stages=2, schedule=schedule, averaging=averaging, partition="uniform"),
+        strategy=lightning_cmp.CMPStrategy(num_stages=2, schedule=schedule, averaging=averaging, partition="uniform")
+        if averaging
+        else schedule,
         max_epochs=EPOCHS,
         logger=False,
-        callbacks=[recorder, seen, ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0)],
+        callbacks=[recorder, seen, ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1)],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, loader(batch_size=BATCH), loader(batch_size=BATCH, seed=2))
+    strategy = trainer.strategy
+    assert isinstance(strategy, lightning_cmp.CMPStrategy)
+    batch = cfg.get("batch", BATCH) // strategy.num_groups
+    trainer.fit(model, loader(batch_size=batch), loader(batch_size=batch, seed=2), ckpt_path=cfg.get("resume"))
     return {
         "losses": recorder.losses,
         "logged": recorder.logged,
@@ -63,14 +77,16 @@ def run(cfg: dict, schedule: str, averaging: str, out: Path) -> dict[str, Any]:
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "rows": seen.rows,
         "rank": trainer.global_rank,
+        "checkpoints": str(out),
     }
 
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     out = Path(cfg["out"])
-    results = {f"{s}/{a}": run(cfg, s, a, out / f"{s}_{a}") for s, a in CASES}
-    rank = results[f"{CASES[0][0]}/{CASES[0][1]}"]["rank"]
+    cases = cfg.get("cases", CASES)
+    results = {f"{s}/{a}": run(cfg, s, a, out / f"{s}_{a}") for s, a in cases}
+    rank = results[f"{cases[0][0]}/{cases[0][1]}"]["rank"]
     torch.save(results, out / f"rank{rank}.pt")
 
 

@@ -10,7 +10,7 @@ from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.groups import DataGroups, GroupLayout
 from lightning_cmp.schedule import Placement, get_schedule
 from tests.helpers.launch import run_workers
-from tests.helpers.models import batches, build, train_reference, train_steps
+from tests.helpers.models import batches, build, train_steps
 
 STEPS = 4
 GROUPS = 2
@@ -25,6 +25,11 @@ CASES: list[tuple[str, str, str, int]] = [
     # Averaging every copy's weights after every SGD step is linear in the gradients: it matches too.
     ("sequential", "cmp", "parameter", 1),
     ("sequential", "mp", "parameter", 1),
+    # Lee et al.: reduce-scatter, each copy steps its shard, all-gather before the next forward
+    ("sequential", "cmp", "sharded", 1),
+    ("resnet18", "cmp", "sharded", 1),
+    ("resnet18", "mp", "sharded", 1),
+    ("sequential", "gpipe", "sharded", 2),
 ]
 
 
@@ -49,14 +54,30 @@ def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str
         data=data,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()}).localize(pipe)
-    after_step = pipe.average_parameters if averaging == "parameter" else None
+    layout = OptimizerLayout(opt, {id(p): n for n, p in model.named_parameters()})
+    layout.localize(pipe)
+    local = sum(p.numel() for c in pipe.copies.values() for p in c.parameters())
+    after_step = {"parameter": pipe.average_parameters, "sharded": pipe.after_optimizer_step}.get(averaging)
+    if averaging == "sharded":
+        pipe.shard(opt, bucket_bytes=64 << 10)
     # Pipeline g takes rows [g * b, (g + 1) * b) of every global batch of GROUPS * b rows.
     mine = [(x.chunk(GROUPS)[data.group], y.chunk(GROUPS)[data.group]) for x, y in batches(STEPS)]
     losses = train_steps(pipe, opt, mine, after_step)
     pipe.check_copies("after training")
+    state_elements = sum(v.numel() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    if pipe.shards is not None:  # a checkpoint's optimizer state: whole again, keyed like the unsplit model's
+        pipe.shards.unshard_state()
+    optimizer_state = layout.full_state_dict(pipe, dst=0)
+    if pipe.shards is not None:
+        pipe.shards.drop_unsharded_state()
     pipe.close()
-    return {"state": pipe.full_state_dict(dst=None), "losses": losses, "group": data.group}
+    return {
+        "state": pipe.full_state_dict(dst=None),
+        "losses": losses,
+        "group": data.group,
+        "state_share": state_elements / local,  # momentum elements held per local weight
+        "optimizer": optimizer_state if data.pipeline.me == 0 else None,
+    }
 
 
 def _all_cases(rank: int, world: int) -> list[dict]:
@@ -64,9 +85,17 @@ def _all_cases(rank: int, world: int) -> list[dict]:
     return [_train(rank, world, *case) for case in cases]
 
 
+def _reference(name: str) -> tuple[dict, list[float], dict]:
+    """Single-process SGD on the global batches: weights, losses and the optimizer's state dict."""
+    model = build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = train_steps(model, opt, batches(STEPS))
+    return {k: v.clone() for k, v in model.state_dict().items()}, losses, opt.state_dict()
+
+
 @pytest.fixture(scope="module")
 def references() -> dict:
-    return {name: train_reference(name, STEPS) for name in {c[0] for c in CASES}}
+    return {name: _reference(name) for name in {c[0] for c in CASES}}
 
 
 @pytest.mark.parametrize("world", [4, 6])
@@ -74,7 +103,7 @@ def test_groups_equal_single_process_sgd_on_the_union_of_their_batches(world: in
     results = run_workers(_all_cases, world, timeout=300)
     cases = CASES if world == 4 else [c for c in CASES if c[0] == "sequential"]
     for index, case in enumerate(cases):
-        ref_state, ref_losses = references[case[0]]
+        ref_state, ref_losses, ref_optimizer = references[case[0]]
         per_group: dict[int, list[float]] = {}
         for rank, per_rank in enumerate(results):
             got = per_rank[index]
@@ -86,6 +115,19 @@ def test_groups_equal_single_process_sgd_on_the_union_of_their_batches(world: in
             )
             assert worst < 1e-5, label
             per_group[got["group"]] = got["losses"]
+            # the optimizer's state: whole on each pipeline's first rank, equal to one device's
+            if got["optimizer"] is not None:
+                assert sorted(got["optimizer"]["state"]) == sorted(ref_optimizer["state"]), label
+                for param, ref in ref_optimizer["state"].items():
+                    diff = (got["optimizer"]["state"][param]["momentum_buffer"] - ref["momentum_buffer"]).abs().max()
+                    assert diff < 1e-5 * ref["momentum_buffer"].abs().max().clamp_min(1e-6), (label, param)
+            # sharded: each worker keeps momentum for 1/n of its stages (n copies of each), padding aside
+            copies = 2 * GROUPS if case[1] == "cmp" else GROUPS
+            share = got["state_share"]
+            if case[2] == "sharded":
+                assert share < 1.1 / copies + 0.01, (label, share)
+            else:
+                assert share >= 1.0, (label, share)
         # each pipeline's loss is the mean over its own rows; their mean is the global batch's loss
         mean = [sum(step) / GROUPS for step in zip(*per_group.values(), strict=True)]
         assert mean == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), case

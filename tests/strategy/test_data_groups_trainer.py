@@ -9,13 +9,14 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
 from tests.helpers.lit import LitCNN, loader
-from tests.helpers.python import ROOT, run_scenario
+from tests.helpers.python import ROOT, run_python, run_scenario
 from tests.helpers.scenario import Recorder
 from tests.helpers.scenario_groups import BATCH, CASES, EPOCHS
 
@@ -79,7 +80,7 @@ def reference() -> tuple[dict, list[float], dict]:
         num_sanity_val_steps=0,
         callbacks=[recorder],
     )
-    trainer.fit(model, loader(batch_size=BATCH * GROUPS), loader(batch_size=BATCH * GROUPS, seed=2))
+    trainer.fit(model, loader(batch_size=BATCH), loader(batch_size=BATCH, seed=2))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return model.state_dict(), recorder.logged, metrics
 
@@ -87,6 +88,22 @@ def reference() -> tuple[dict, list[float], dict]:
 @pytest.mark.parametrize("case", [f"{s}/{a}" for s, a in CASES])
 def test_pipelines_train_like_one_device_on_the_global_batch(ranks: list[dict], reference: tuple, case: str) -> None:
     _check_case(ranks, reference, case)
+
+
+def test_sharded_checkpoint_resumes_with_another_number_of_pipelines(
+    ranks: list[dict], reference: tuple, tmp_path: Path
+) -> None:
+    # epoch 1 on 2 pipelines of 2 workers with sharded optimizer state, epoch 2 on 1 pipeline (same global batch)
+    saved = Path(ranks[0]["cmp/sharded"]["checkpoints"]) / "epoch=0.ckpt"
+    cfg = {"out": str(tmp_path), "devices": STAGES, "resume": str(saved)}
+    cfg["cases"] = [["cmp", "sharded"]]
+    run_python("-m", "tests.helpers.scenario_groups", json.dumps(cfg), timeout=300)
+    ref_state = reference[0]
+    for rank in range(STAGES):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)["cmp/sharded"]["state"]
+        for name, ref in ref_state.items():
+            err = ((got[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
 
 
 @pytest.mark.slow
@@ -102,7 +119,7 @@ def _check_case(ranks: list[dict], reference: tuple, case: str) -> None:
         label = f"{case} rank {rank}"
         for name, ref in ref_state.items():
             if got["state"][name].is_meta:
-                assert rank % STAGES > 0, f"{label}: pipeline position 0 holds the whole model after fit"
+                assert rank % STAGES > 0 and "sharded_dp" not in case, f"{label}: {name} missing after fit"
                 continue
             err = ((got["state"][name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
             assert err < 1e-5, f"{label} {name}: relative error {err:.2e}"
@@ -111,7 +128,7 @@ def _check_case(ranks: list[dict], reference: tuple, case: str) -> None:
         for key in ("val_loss", "val_acc"):
             assert got["metrics"][key] == pytest.approx(ref_metrics[key], rel=1e-5), f"{label} {key}"
         # reduce_fx="sum" sums over the pipelines, as ddp sums over its ranks (and not over a pipeline's workers)
-        expected_sum = GROUPS * ref_metrics["train_loss_sum"]
+        expected_sum = (DEVICES if "sharded_dp" in case else GROUPS) * ref_metrics["train_loss_sum"]
         assert got["metrics"]["train_loss_sum"] == pytest.approx(expected_sum, rel=1e-5), label
 
 
@@ -123,7 +140,7 @@ def test_each_pipeline_trains_on_its_own_share_of_the_data(ranks: list[dict]) ->
         assert all(r == members[0] for r in members), "every worker of one pipeline sees the same batches"
     first, second = set(rows[0]), set(rows[STAGES])
     assert not first & second, "the pipelines' shares overlap"
-    everything = loader(batch_size=BATCH * GROUPS).dataset.tensors[0][:, 0, 0, 0].tolist()  # type: ignore[attr-defined]
+    everything = loader(batch_size=BATCH).dataset.tensors[0][:, 0, 0, 0].tolist()  # type: ignore[attr-defined]
     assert first | second == set(everything)
 
 
@@ -137,3 +154,48 @@ def test_asynchronous_schedules_refuse_several_pipelines() -> None:
             strategy=lightning_cmp.CMPStrategy(num_stages=2, schedule="spectrain"),
             logger=False,
         )
+
+
+def _setup(devices: int = 2, trainer_kwargs: dict | None = None, **strategy_kwargs: object) -> None:
+    """The strategy's set-up checks, in this process (they come before any collective)."""
+    import lightning_cmp
+
+    strategy = lightning_cmp.CMPStrategy(**strategy_kwargs)  # type: ignore[arg-type]
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, **(trainer_kwargs or {}))
+    trainer.state.fn = L.pytorch.trainer.states.TrainerFn.FITTING
+    model = LitCNN()
+    model.trainer = trainer
+    strategy.connect(model)
+    strategy._lightning_module = model
+    strategy.setup(trainer)
+
+
+@pytest.mark.parametrize(
+    ("strategy_kwargs", "trainer_kwargs", "message"),
+    [
+        ({}, {"gradient_clip_val": 1.0}, r"gradient_clip_val=1.0: no worker holds a whole gradient"),
+        ({"keep_split": True}, {}, r"keep_split=True: checkpoints gather the shards"),
+        ({"partition": "bipartition"}, {}, r"partition='bipartition': use 'balanced'"),
+        (
+            {"num_microbatches": 2},
+            {},
+            r"num_microbatches=2 with schedule='cmp'.*use num_microbatches=1 or schedule='gpipe'",
+        ),
+    ],
+)
+def test_sharded_refuses_what_it_cannot_do_yet(strategy_kwargs: dict, trainer_kwargs: dict, message: str) -> None:
+    import lightning_cmp
+
+    with pytest.raises(lightning_cmp.CMPConfigError, match=r"averaging='sharded' cannot run with .*" + message):
+        _setup(averaging="sharded", trainer_kwargs=trainer_kwargs, **strategy_kwargs)
+
+
+def test_sharded_needs_more_than_one_copy_of_each_stage() -> None:
+    import lightning_cmp
+
+    with pytest.raises(lightning_cmp.CMPConfigError, match=r"strategy='mp' on 2 workers .* has one copy of each"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=lightning_cmp.CMPStrategy(schedule="mp", averaging="sharded"))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="sharded_dp", logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, lightning_cmp.CMPStrategy)
+    assert (strategy.num_stages, strategy.num_groups, strategy.averaging) == (1, 2, "sharded")

@@ -74,10 +74,10 @@ def test_unknown_strategy_name_is_lightnings_error() -> None:
     [
         ({"schedule": "cpm"}, r"unknown schedule 'cpm'; valid: (.*, )?'cmp', (.*, )?'mp'"),
         ({"partition": "even"}, r"unknown partition 'even'; valid: 'balanced', 'bipartition', 'uniform'"),
-        ({"averaging": "weights"}, r"unknown averaging 'weights'; valid: 'gradient', 'parameter'"),
+        ({"averaging": "weights"}, r"unknown averaging 'weights'; valid: 'gradient', 'parameter', 'sharded'"),
         ({"average_every": 0}, r"average_every=0; use a whole number of steps >= 1"),
         ({"average_every": 4}, r"average_every=4 only applies to averaging='parameter'"),
-        ({"num_stages": 1}, r"num_stages=1; a pipeline needs at least 2 stages"),
+        ({"num_stages": 0}, r"num_stages=0; use a whole number >= 1 \(None: one stage per worker; 1: the whole model"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs: dict, message: str) -> None:
