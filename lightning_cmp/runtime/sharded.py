@@ -56,7 +56,6 @@ class _Bucket:
 class _Copy:
     buckets: list[_Bucket]
     comm: Comm
-    divisor: int  # the number of pipelines: each one's copies sum to its own batch's gradient
     started: int = 0  # buckets whose reduce-scatter started this step, in order
     armed: bool = False
     reducing: list[tuple[list[Any], Callable[[], None]]] = field(default_factory=list)
@@ -101,7 +100,7 @@ class Shards:
             twins = twin.parameters() if twin is not None else []
             comm = comms[stage]
             buckets = self._buckets(params, twins, group_of, comm, bucket_bytes or _BUCKET_BYTES)
-            self.copies[key] = _Copy(buckets, comm, num_groups)
+            self.copies[key] = _Copy(buckets, comm)
             for index, bucket in enumerate(buckets):
                 for p in bucket.params:
                     self._where[id(p)] = (key, index)
@@ -172,8 +171,7 @@ class Shards:
         """The optimizer steps the shards: each bucket's parameters leave its group, their state is sliced."""
         state = self.optimizer.state
         replaced: set[int] = set()
-        for key, entry in self.copies.items():
-            del key
+        for entry in self.copies.values():
             for bucket in entry.buckets:
                 sliced = _slice_state([state.get(p) for p in bucket.params], bucket, entry.comm.me)
                 if sliced is not None:
@@ -247,7 +245,7 @@ class Shards:
                     "step on any worker; a shard is stepped as a whole, so momentum and weight decay would move "
                     "them where one device leaves them alone. Remove unused layers or use averaging='gradient'"
                 )
-            grad = bucket.received.div(entry.divisor)
+            grad = bucket.received.div(self.num_groups)  # each pipeline's copies sum to its own batch's gradient
             shard = bucket.shard
             shard.grad = grad if shard.grad is None else shard.grad.add_(grad)
 

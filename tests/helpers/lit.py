@@ -5,13 +5,14 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from tests.helpers.models import build
 
-__all__ = ["LitCNN", "loader"]
+__all__ = ["LitCNN", "loader", "setup_in_process"]
 
 
 class LitCNN(L.LightningModule):
@@ -58,3 +59,15 @@ def loader(n: int = 40, batch_size: int = 8, seed: int = 1) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     ds = TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
     return DataLoader(ds, batch_size=batch_size, sampler=DistributedSampler(ds, num_replicas=1, rank=0, shuffle=False))
+
+
+def setup_in_process(model: L.LightningModule, strategy: Strategy, devices: int = 2, **trainer_kwargs: object) -> None:
+    """Run ``strategy``'s set-up checks for ``model`` in this process (they come before any collective)."""
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, logger=False, max_epochs=1, **trainer_kwargs
+    )  # type: ignore[arg-type]
+    trainer.state.fn = L.pytorch.trainer.states.TrainerFn.FITTING
+    model.trainer = trainer
+    strategy.connect(model)
+    strategy._lightning_module = model  # type: ignore[attr-defined]
+    strategy.setup(trainer)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_cmp import CMPConfigError, CMPStrategy
-from tests.helpers.lit import LitCNN
+from tests.helpers.lit import LitCNN, setup_in_process
 from tests.helpers.scenario_corners import fp16_plugin
 
 
@@ -23,13 +23,7 @@ class WithOptimizer(LitCNN):
 
 
 def _setup(model: L.LightningModule, strategy: CMPStrategy, **trainer_kw: Any) -> None:
-    """The strategy's set-up checks in this process (they run before any collective)."""
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, max_epochs=1, **trainer_kw)
-    trainer.state.fn = L.pytorch.trainer.states.TrainerFn.FITTING
-    model.trainer = trainer
-    strategy.connect(model)
-    strategy._lightning_module = model
-    strategy.setup(trainer)
+    setup_in_process(model, strategy, **trainer_kw)
 
 
 @pytest.mark.parametrize(

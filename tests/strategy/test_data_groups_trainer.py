@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers.lit import LitCNN, loader
+from tests.helpers.lit import LitCNN, loader, setup_in_process
 from tests.helpers.python import ROOT, run_python, run_scenario
 from tests.helpers.scenario import Recorder
 from tests.helpers.scenario_groups import BATCH, CASES, EPOCHS
@@ -156,18 +156,10 @@ def test_asynchronous_schedules_refuse_several_pipelines() -> None:
         )
 
 
-def _setup(devices: int = 2, trainer_kwargs: dict | None = None, **strategy_kwargs: object) -> None:
-    """The strategy's set-up checks, in this process (they come before any collective)."""
+def _setup(trainer_kwargs: dict, **strategy_kwargs: object) -> None:
     import lightning_cmp
 
-    strategy = lightning_cmp.CMPStrategy(**strategy_kwargs)  # type: ignore[arg-type]
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, **(trainer_kwargs or {}))
-    trainer.state.fn = L.pytorch.trainer.states.TrainerFn.FITTING
-    model = LitCNN()
-    model.trainer = trainer
-    strategy.connect(model)
-    strategy._lightning_module = model
-    strategy.setup(trainer)
+    setup_in_process(LitCNN(), lightning_cmp.CMPStrategy(**strategy_kwargs), **trainer_kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from torch import nn
 import lightning_cmp
 from lightning_cmp import CMPConfigError, CMPStrategy, PartitionError
 from lightning_cmp.partition import trace_chain
-from tests.helpers.lit import LitCNN
+from tests.helpers.lit import LitCNN, setup_in_process
 
 
 def test_strategy_names_are_registered_in_lightning() -> None:
@@ -87,13 +87,7 @@ def test_bad_arguments_are_refused_at_construction(kwargs: dict, message: str) -
 
 def _setup(model: L.LightningModule, devices: int = 2, **strategy_kwargs: object) -> None:
     """Run the strategy's set-up checks in this process (they happen before any collective)."""
-    strategy = CMPStrategy(**strategy_kwargs)  # type: ignore[arg-type]
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, max_epochs=1)
-    trainer.state.fn = L.pytorch.trainer.states.TrainerFn.FITTING
-    model.trainer = trainer
-    strategy.connect(model)
-    strategy._lightning_module = model
-    strategy.setup(trainer)
+    setup_in_process(model, CMPStrategy(**strategy_kwargs), devices)  # type: ignore[arg-type]
 
 
 class Manual(LitCNN):
