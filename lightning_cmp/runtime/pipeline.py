@@ -587,9 +587,11 @@ class Pipeline:
             name = names[stage][index]
             ranks = sorted({self._global_rank(0, 0, stage), self._global_rank(other_group, replica, stage)})
             where = f"both on rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]} and {ranks[1]}"
-            what = "two copies" if self.data is None else f"copies (replica {replica} of pipeline {other_group})"
+            head = f"{when}: the two copies of stage {stage} ({where})"
+            if self.data is not None:
+                head = f"{when}: the copies of stage {stage} ({where}: replica {replica} of pipeline {other_group})"
             raise CopiesDriftedError(
-                f"{when}: the {what} of stage {stage} ({where}) differ, first in {name!r} (sum {a[index]!r} vs "
+                f"{head} differ, first in {name!r} (sum {a[index]!r} vs "
                 f"{b[index]!r}); "
                 "they must stay identical. Something changed one copy only: code that updates parameters or "
                 "buffers in place outside the optimizer (in training_step or a callback) runs on each worker's own "
