@@ -6,7 +6,10 @@ parameters become. As soon as backward has completed a bucket's gradients, a red
 of the group receives the sum of slice ``i`` of every copy's bucket gradient. The optimizer holds one *shard*
 parameter per bucket (a view of slice ``i`` of the flat weights) instead of the stage's parameters, so it updates
 and keeps state (momentum, Adam's moments) for 1/n of the stage only. After the optimizer step an all-gather of
-the updated slices starts, issued first-layer-first; the stage's next forward waits for it.
+the updated slices starts, issued first-layer-first. As in the paper, the next forward waits for each bucket only
+just before the first layer that uses it: a forward pre-hook on that layer's module (found by walking the stage's
+``fx`` graph in execution order), so the later buckets' gathers are hidden behind the forward of the earlier layers.
+A bucket whose first use is not a module call (a parameter read directly) is waited for at the stage's start.
 
 Exact: every element is updated by exactly one rank, with the averaged gradient and that element's optimizer
 state, which is what every copy would have computed (element-wise optimizers: SGD, Adam, AdamW, RMSprop...; not
@@ -50,6 +53,7 @@ class _Bucket:
     send: Tensor  # the updated slice, copied out for the all-gather
     ready: int = 0
     started: bool = False
+    gathering: list[Any] = field(default_factory=list)  # the all-gather in flight since the last optimizer step
 
 
 @dataclass
@@ -59,7 +63,7 @@ class _Copy:
     started: int = 0  # buckets whose reduce-scatter started this step, in order
     armed: bool = False
     reducing: list[tuple[list[Any], Callable[[], None]]] = field(default_factory=list)
-    gathering: list[Any] = field(default_factory=list)
+    at_start: list[int] = field(default_factory=list)  # buckets the stage waits for before its forward starts
 
 
 class Shards:
@@ -105,8 +109,11 @@ class Shards:
                 for p in bucket.params:
                     self._where[id(p)] = (key, index)
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            entry = self.copies[key]
+            for one in [stage_copy, *([twin] if twin is not None else [])]:
+                entry.at_start = sorted(set(entry.at_start) | self._hook_first_uses(one, entry))
             waiting = key
-            stage_copy.before_forward = lambda waiting=waiting: self.wait_gathers(waiting)
+            stage_copy.before_forward = lambda waiting=waiting: self._wait_at_start(waiting)
             if twin is not None:
                 twin.before_forward = stage_copy.before_forward
         self._shard_optimizer()
@@ -163,6 +170,38 @@ class Shards:
                 )
             )
         return buckets
+
+    def _hook_first_uses(self, stage_copy: StageCopy, entry: _Copy) -> set[int]:
+        """Make the first module call that uses each bucket (in the stage's graph order) wait for its gather; return
+        the buckets to wait for at the stage's start instead (no graph, first use not a module call, not used)."""
+        everything = set(range(len(entry.buckets)))
+        graph = getattr(stage_copy.module, "graph", None)
+        if graph is None or stage_copy.lead is not None or stage_copy.weights is not None:
+            return everything
+        bucket_of: dict[int, int] = {}
+        for b, bucket in enumerate(entry.buckets):
+            for p in [*bucket.params, *bucket.twins]:
+                bucket_of[id(p)] = b
+        seen: set[int] = set()
+        at_start: set[int] = set()
+        for node in graph.nodes:
+            if node.op == "call_module":
+                module = stage_copy.module.get_submodule(node.target)
+                hit = {bucket_of[id(p)] for p in module.parameters() if id(p) in bucket_of} - seen
+                if hit:
+                    self._hooks.append(module.register_forward_pre_hook(_waiter(entry, sorted(hit))))
+            elif node.op == "get_attr":
+                hit = {bucket_of[id(p)] for p in [_attr(stage_copy.module, node.target)] if id(p) in bucket_of} - seen
+                at_start |= hit
+            else:
+                continue
+            seen |= hit
+        return at_start | (everything - seen)
+
+    def _wait_at_start(self, key: tuple[int, int]) -> None:
+        entry = self.copies[key]
+        for index in entry.at_start:
+            _wait_bucket(entry, index)
 
     def _buckets_all(self) -> list[_Bucket]:
         return [b for c in self.copies.values() for b in c.buckets]
@@ -252,7 +291,9 @@ class Shards:
         entry.reducing.append((works, finish))
 
     def wait(self) -> None:
-        """Finish every reduce-scatter started: the shards hold their averaged gradients."""
+        """Finish every reduce-scatter started: the shards hold their averaged gradients (and every gather has
+        arrived, also of buckets no forward used: the optimizer step writes into the buffers they fill)."""
+        self.wait_gathers()
         for entry in self.copies.values():
             for works, finish in entry.reducing:
                 entry.comm.wait(works, None)
@@ -267,22 +308,21 @@ class Shards:
         for entry in self.copies.values():
             for bucket in reversed(entry.buckets):
                 bucket.send.copy_(bucket.shard.detach())
-                entry.gathering += entry.comm.start_all_gather(bucket.flat, bucket.send)
+                bucket.gathering = entry.comm.start_all_gather(bucket.flat, bucket.send)
 
     def wait_gathers(self, key: tuple[int, int] | None = None) -> None:
         """Wait until the updated weights of copy ``key`` (every copy: None) are in place."""
         entries = self.copies.values() if key is None else [self.copies[key]] if key in self.copies else []
         for entry in entries:
-            if entry.gathering:
-                entry.comm.wait(entry.gathering, None)
-                entry.gathering.clear()
+            for index in reversed(range(len(entry.buckets))):  # the order they were issued in
+                _wait_bucket(entry, index)
 
     def close(self, drain: bool = True) -> None:
         if drain:
             self.wait()
             self.wait_gathers()
         else:
-            Comm.abandon([(e.reducing, e.gathering, e.buckets) for e in self.copies.values()])
+            Comm.abandon([(e.reducing, e.buckets) for e in self.copies.values()])
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -336,6 +376,29 @@ class Shards:
             group["params"] = kept + [p for b in self._buckets_all() if b.group == index for p in b.params]
         for bucket in self._buckets_all():
             state.pop(bucket.shard, None)
+
+
+def _wait_bucket(entry: _Copy, index: int) -> None:
+    bucket = entry.buckets[index]
+    if bucket.gathering:
+        works, bucket.gathering = bucket.gathering, []
+        entry.comm.wait(works, None)
+
+
+def _waiter(entry: _Copy, indices: list[int]) -> Callable[..., None]:
+    """A forward pre-hook waiting for the gathers of ``indices`` (the buckets this module is the first to use)."""
+
+    def hook(module: nn.Module, args: Any) -> None:
+        for index in indices:
+            _wait_bucket(entry, index)
+
+    return hook
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
 
 
 def _slice_state(states: list[dict[str, Any] | None], bucket: _Bucket, me: int) -> dict[str, Any] | None:
