@@ -136,9 +136,9 @@ class CMPStrategy(ParallelStrategy):
         averaging: ``"gradient"`` (sum the copies' gradients every step; equals single-device training),
             ``"sharded"`` (the same result by Lee et al.'s overlapped form: gradients reduce-scattered over each
             stage's copies as backward makes them, each copy steps and keeps optimizer state for its 1/n shard, the
-            updated weights all-gathered before the stage's next forward) or ``"parameter"`` (each replica steps on
-            its half batch; weights and buffers averaged every ``average_every`` steps and whenever the model is
-            evaluated, saved or returned).
+            updated weights all-gathered, each bucket waited for just before the first layer that uses it) or
+            ``"parameter"`` (each replica steps on its half batch; weights and buffers averaged every
+            ``average_every`` steps and whenever the model is evaluated, saved or returned).
         average_every: steps between parameter averages (``averaging="parameter"`` only).
         module: dotted name of the submodule to split; ``None`` splits the LightningModule's ``forward``.
         num_microbatches: microbatches per replica and step (``None``: the schedule's default, 1 for cmp/mp).

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter:Us
 
 DOCS = Path(__file__).parents[1] / "docs"
 TUTORIALS = ["index.md", "how-cmp-works.md", "choosing.md", "own-module.md", "troubleshooting.md", "recipes.md"]
-TUTORIALS += ["large-models.md", "bipartition.md", "asynchronous.md"]
+TUTORIALS += ["large-models.md", "bipartition.md", "asynchronous.md", "scaling-out.md"]
 #: the only reasons a block may be left out: it needs hardware CI does not have
 SKIP_REASONS = {"gpu", "cluster"}
 #: per page: (```python blocks run, lightning-cmp commands built in process, of those also run for real). A block
@@ -44,6 +44,7 @@ EXPECTED_RUNS = {
     "large-models.md": (1, 0, 0),
     "bipartition.md": (1, 0, 0),
     "asynchronous.md": (1, 0, 0),
+    "scaling-out.md": (1, 0, 0),
 }
 #: the examples of troubleshooting.md, each printing one error
 EXPECTED_ERRORS = 12
@@ -51,6 +52,8 @@ EXPECTED_ERRORS = 12
 SETUP = ("python3 -m venv ", "source .venv/bin/activate", "sudo apt-get install ", "python train.py", "mkdocs ")
 #: benchmark commands (minutes on several workers): tests/bench runs them on a tiny model instead
 BENCHMARKS = ("python -m lightning_cmp.bench.",)
+#: multi-node launches (several hosts): tests/strategy/test_data_groups_trainer.py runs torchrun's on loopback
+LAUNCHERS = ("torchrun ", "srun ")
 #: commands run for real only up to this many worker processes (the CI machine has 2 cores)
 MAX_WORKERS = 2
 
@@ -96,7 +99,7 @@ def commands(page: str, run: bool = False) -> list[str]:
                 if not run or ("--print_config" not in line and _workers(line) <= MAX_WORKERS):
                     found.append(line)
             else:
-                listed = not line or line.startswith(SETUP + BENCHMARKS)
+                listed = not line or line.startswith(SETUP + BENCHMARKS + LAUNCHERS)
                 assert listed, f"{page}: run {line!r} in tests/test_docs.py or list it"
     return found
 

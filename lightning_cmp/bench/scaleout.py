@@ -48,7 +48,18 @@ from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.groups import DataGroups
 from lightning_cmp.schedule import Costs, Placement, get_schedule, lower, simulate
 
-__all__ = ["RAW", "Raw", "Tap", "fit_alpha_beta", "project_data_parallel", "ring_bytes", "ring_seconds"]
+__all__ = [
+    "RAW",
+    "TRAINER",
+    "Raw",
+    "Tap",
+    "fit_alpha_beta",
+    "project_data_parallel",
+    "ring_bytes",
+    "ring_seconds",
+    "table",
+    "tables_from_json",
+]
 
 
 # -- what a rank sends --------------------------------------------------------------------------------------------
@@ -192,9 +203,13 @@ def run_raw(
     repeats: int,
     batch_size: int,
     size: int,
+    bucket_mib: float | None = None,
 ) -> dict[str, Any]:
-    """Worker body of one raw row: a warm-up step, ``repeats`` timed runs of ``steps`` steps, then the replay."""
+    """Worker body of one raw row: a warm-up step, ``repeats`` timed runs of ``steps`` steps, then the replay.
+
+    ``bucket_mib``: our rows' averaging buckets (None: the runtime's default, 16 MiB)."""
     spec = RAW[method]
+    bucket_bytes = None if bucket_mib is None else int(bucket_mib * 2**20)
     net = build(model, size)
     net.train()
     data = make_batches(steps + 1, batch_size, size)
@@ -219,13 +234,20 @@ def run_raw(
         data_groups = DataGroups.build(Comm.world(rank, torch.device("cpu")), k, placement)
         taps = [Tap(c) for _, c in sorted(data_groups.stages.items())]
         pipe = Pipeline(
-            chain, cuts if k > 1 else [], spec.schedule, data_groups.pipeline, "gradient", 1, data=data_groups
+            chain,
+            cuts if k > 1 else [],
+            spec.schedule,
+            data_groups.pipeline,
+            "gradient",
+            1,
+            bucket_bytes=bucket_bytes,
+            data=data_groups,
         )
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         OptimizerLayout(opt, {id(p): n for n, p in net.named_parameters()}).localize(pipe)
         local = sum(p.numel() * p.element_size() for c in pipe.copies.values() for p in c.parameters())
         if spec.averaging == "sharded":
-            pipe.shard(opt)
+            pipe.shard(opt, bucket_bytes)
         group = data_groups.group
 
         def step(x: Tensor, y: Tensor) -> None:
@@ -264,7 +286,31 @@ def run_raw(
     }
 
 
-def summarize_raw(method: str, per_rank: list[dict[str, Any]], steps: int, batch_size: int) -> dict[str, Any]:
+def merge_launches(launches: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per rank: every launch's timed run, and the median of the launches' other figures.
+
+    Examples:
+        >>> a = {"seconds": [1.0], "blocked_s": 0.1, "alone_s": 0.2, "sent_bytes": 8.0,
+        ...      "optimizer_state_bytes": 4, "param_bytes": 8}
+        >>> merged = merge_launches([[a], [a | {"seconds": [3.0], "blocked_s": 0.3}], [a | {"seconds": [2.0]}]])
+        >>> merged[0]["seconds"], merged[0]["blocked_s"]
+        ([1.0, 3.0, 2.0], 0.1)
+    """
+    merged = []
+    for rank in range(len(launches[0])):
+        runs = [launch[rank] for launch in launches]
+        row = dict(runs[0])
+        row["seconds"] = [s for run in runs for s in run["seconds"]]
+        for key in ("blocked_s", "alone_s", "sent_bytes"):
+            values = [run[key] for run in runs if run[key] is not None]
+            row[key] = statistics.median(values) if values else None
+        merged.append(row)
+    return merged
+
+
+def summarize_raw(
+    method: str, per_rank: list[dict[str, Any]], steps: int, batch_size: int, bucket_mib: float | None = None
+) -> dict[str, Any]:
     """One row: samples/s (median of repeats, rank 0's clock) and the per-rank averaging figures.
 
     Examples:
@@ -284,7 +330,10 @@ def summarize_raw(method: str, per_rank: list[dict[str, Any]], steps: int, batch
 
     return {
         "method": method,
-        "label": spec.label,
+        "label": spec.label
+        if bucket_mib is None or not spec.num_stages
+        else f"{spec.label}, {bucket_mib:g} MiB buckets",
+        "bucket_mib": bucket_mib if spec.num_stages else None,
         "workers": spec.world,
         "samples_per_s": statistics.median(rate),
         "samples_per_s_repeats": rate,
@@ -512,9 +561,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", nargs="*", choices=list(RAW), default=None, help="default: all")
     p.add_argument("--trainer", nargs="*", choices=list(TRAINER), default=None, help="default: all")
     p.add_argument("--trainer-steps", type=int, default=10)
+    p.add_argument(
+        "--bucket-mib", nargs="+", type=float, default=[16.0], help="our raw rows, once per averaging bucket size"
+    )
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2, 8, 32, 128, 512, 1024])
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--quick", action="store_true", help="tiny model, 1 step x 2 repeats, no Trainer rows (CI)")
+    p.add_argument("--replot", type=Path, help="only redraw the figure from this JSON into --out")
     p.add_argument("--trainer-run", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -539,12 +592,17 @@ def _machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    record: dict[str, Any]
     if args.trainer_run:
         _trainer_main(json.loads(args.trainer_run))
         return {}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        record = json.loads(args.replot.read_text())
+        plot_projection(record, args.out / "scaleout_projection.png")
+        return record
     torch.set_num_threads(1)
-    record: dict[str, Any] = {
+    record = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "trainer_run")},
         "machine": _machine(),
         "raw": [],
@@ -556,18 +614,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x = make_batches(1, rows, args.size)[0][0]
     cuts = resolve_cuts("balanced", chain.num_blocks, 2, [f + b for f, b in block_costs(chain, x, [rows])[rows]])
     record["config"]["cmp_cuts"] = cuts
-    for name in args.raw:
-        per_rank = run_workers(
-            run_raw, RAW[name].world, timeout=900, method=name, model=args.model, cuts=cuts, steps=args.steps,
-            repeats=args.repeats, batch_size=args.batch_size, size=args.size,
-        )  # fmt: skip
-        row = summarize_raw(name, per_rank, args.steps, args.batch_size)
+    runs = [(n, b) for n in args.raw for b in (args.bucket_mib if RAW[n].num_stages else [None])]
+    launches: dict[tuple[str, float | None], list[list[dict[str, Any]]]] = {run: [] for run in runs}
+    for repeat in range(args.repeats):  # one launch per repeat, interleaved: the machine's drift hits all alike
+        for name, bucket_mib in runs:
+            per_rank = run_workers(
+                run_raw, RAW[name].world, timeout=900, method=name, model=args.model, cuts=cuts, steps=args.steps,
+                repeats=1, batch_size=args.batch_size, size=args.size, bucket_mib=bucket_mib,
+            )  # fmt: skip
+            launches[name, bucket_mib].append(per_rank)
+            print(f"raw {name} ({bucket_mib} MiB) repeat {repeat}: {per_rank[0]['seconds'][0]:.3f} s", flush=True)
+    for (name, bucket_mib), done in launches.items():
+        row = summarize_raw(name, merge_launches(done), args.steps, args.batch_size, bucket_mib)
         record["raw"].append(row)
-        print(
-            f"{row['label']}: {row['samples_per_s']:.1f} samples/s, sent {row['sent_mib_per_step']} MiB/step, "
-            f"overlap {row['overlap']}, optimizer state share {row['optimizer_state_share']}",
-            flush=True,
-        )
     for repeat in range(args.repeats if args.trainer else 0):
         for name in args.trainer:  # repeats interleaved: the machine's drift hits every method alike
             step_s = run_trainer(name, args.model, args.batch_size, args.size, args.trainer_steps)
@@ -628,22 +687,44 @@ def _projection(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(record: dict[str, Any]) -> str:
-    """The Markdown tables of a record: raw rows, Trainer rows and the projection."""
-    lines = ["| method | workers | samples/s | MiB sent per rank per step | overlap | optimizer state (share) |"]
-    lines.append("|---|---|---|---|---|---|")
+    """The Markdown tables of a record: raw rows, Trainer rows (with the ratio to the ddp row on as many workers)
+    and the projection (efficiency: one worker's step over the projected step, with the same batch per worker)."""
+    lines = [
+        "| method | workers | samples/s: median (min-max) | MiB sent per rank per step | averaging alone, ms | overlap "
+        "| optimizer state (share) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def cells(values: list[Any], pattern: str) -> str:
+        return " / ".join("n/a" if v is None else pattern.format(v) for v in values)
+
+    def spread(row: dict[str, Any]) -> str:
+        return f"{min(row['samples_per_s_repeats']):.0f}-{max(row['samples_per_s_repeats']):.0f}"
+
     for r in record["raw"]:
-        overlap = " / ".join("n/a" if o is None else f"{o:.2f}" for o in r["overlap"])
-        sent = " / ".join(f"{s:.1f}" for s in r["sent_mib_per_step"])
-        share = " / ".join(f"{s:.2f}" for s in r["optimizer_state_share"])
-        lines.append(f"| {r['label']} | {r['workers']} | {r['samples_per_s']:.1f} | {sent} | {overlap} | {share} |")
+        alone = cells([None if a is None else a * 1e3 for a in r["alone_s"]], "{:.0f}")
+        lines.append(
+            f"| {r['label']} | {r['workers']} | {r['samples_per_s']:.1f} ({spread(r)}) "
+            f"| {cells(r['sent_mib_per_step'], '{:.1f}')} "
+            f"| {alone} | {cells(r['overlap'], '{:.2f}')} | {cells(r['optimizer_state_share'], '{:.2f}')} |"
+        )
     if record["trainer"]:
-        lines += ["", "| through the Trainer | workers | samples/s (median) | repeats |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| through the Trainer | workers | samples/s (median) | vs ddp | repeats |",
+            "|---|---|---|---|---|",
+        ]
+        ddp = {r["workers"]: r["samples_per_s"] for r in record["trainer"] if r["method"].startswith("ddp")}
         for r in record["trainer"]:
             reps = " / ".join(f"{s:.1f}" for s in r["samples_per_s_repeats"])
-            lines.append(f"| {r['label']} | {r['workers']} | {r['samples_per_s']:.1f} | {reps} |")
+            ratio = f"{r['samples_per_s'] / ddp[r['workers']]:.2f}" if r["workers"] in ddp else "n/a"
+            lines.append(f"| {r['label']} | {r['workers']} | {r['samples_per_s']:.1f} | {ratio} | {reps} |")
     proj = record["projection"]
-    lines += ["", "| workers | efficiency: serial | all-reduce overlapped | Lee et al. | cmp K=2 x D |"]
-    lines.append("|---|---|---|---|---|")
+    lines += [
+        "",
+        "| workers | no overlap | all-reduce overlapped | Lee et al. | cmp K=2 x D (all-reduce, simulated) |",
+        "|---|---|---|---|---|",
+    ]
     for r in proj["rows"]:
         ideal = r["compute"]
         cmp = f"{ideal / r['cmp_k2']:.2f}" if "cmp_k2" in r else ""
@@ -652,6 +733,19 @@ def table(record: dict[str, Any]) -> str:
             f"{ideal / r['sharded']:.2f} | {cmp} |"
         )
     return "\n".join(lines)
+
+
+def tables_from_json(path: str | Path) -> str:
+    """The docs' tables from the JSON `main` wrote, with the network model's fit and the machine."""
+    record = json.loads(Path(path).read_text())
+    proj, machine = record["projection"], record["machine"]
+    facts = (
+        f"Fitted on this machine's loopback messages: alpha = {proj['alpha_s'] * 1e6:.0f} us, "
+        f"1/beta = {1 / proj['beta_s_per_byte'] / 1e9:.2f} GB/s; {proj['batch_per_worker']} samples per worker, "
+        f"{proj['param_bytes'] / 2**20:.1f} MiB of weights. Machine: {machine['platform']}, {machine['cpus']} CPUs, "
+        f"torch {machine['torch']}, 1 thread per worker."
+    )
+    return table(record) + "\n\n" + facts
 
 
 def plot_projection(record: dict[str, Any], path: Path) -> Path:
@@ -673,7 +767,8 @@ def plot_projection(record: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("workers")
-    ax.set_ylabel("projected speedup over 1 worker (same batch per worker)")
+    ax.set_ylabel("projected speedup over 1 worker")
+    ax.set_title("same batch per worker (weak scaling)", fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
