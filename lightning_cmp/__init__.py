@@ -1,9 +1,16 @@
 """lightning_cmp: cross model parallelism for PyTorch Lightning (``Trainer(strategy="cmp")``).
 
-Importing the package registers the strategies ``"cmp"``, ``"mp"`` and ``"gpipe"`` with Lightning (both the
-``lightning`` and the ``pytorch_lightning`` packages, when installed).
+Importing the package registers the strategies (``"cmp"``, ``"mp"``, ``"gpipe"``, ...) with Lightning, both the
+``lightning`` and the ``pytorch_lightning`` packages, as soon as they are imported (before or after this one).
+The package itself loads neither torch nor Lightning: ``lightning_cmp.schedule`` and the partition solver are
+pure Python, and ``CMPStrategy`` is imported on first use.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning_cmp._registration import after_import
 from lightning_cmp.errors import (
     CMPConfigError,
     CopiesDriftedError,
@@ -11,7 +18,9 @@ from lightning_cmp.errors import (
     PartitionError,
     ScheduleError,
 )
-from lightning_cmp.strategy import CMPStrategy
+
+if TYPE_CHECKING:
+    from lightning_cmp.strategy import CMPStrategy
 
 __all__ = [
     "CMPConfigError",
@@ -25,11 +34,28 @@ __all__ = [
 __version__ = "0.1.0.dev0"  # keep equal to pyproject.toml
 
 
-def register() -> None:
-    """Register the strategies in every installed Lightning registry (done once at import)."""
+def __getattr__(name: str) -> Any:
+    if name == "CMPStrategy":
+        from lightning_cmp.strategy import CMPStrategy
+
+        return CMPStrategy
+    raise AttributeError(f"module 'lightning_cmp' has no attribute {name!r}")
+
+
+def _register_lightning() -> None:
+    import sys
+
+    importing = sys.modules.get("lightning_cmp.strategy")
+    if importing is not None and not hasattr(importing, "CMPStrategy"):
+        return  # Lightning is being imported by lightning_cmp.strategy itself, which registers when it is done
     from lightning.pytorch.strategies import StrategyRegistry
 
+    from lightning_cmp.strategy import CMPStrategy
+
     CMPStrategy.register_strategies(StrategyRegistry)
+
+
+def _register_pytorch_lightning() -> None:
     from lightning_cmp._mirror import load_twin
 
     twin = load_twin()
@@ -39,4 +65,15 @@ def register() -> None:
         twin.CMPStrategy.register_strategies(PLStrategyRegistry)
 
 
-register()
+def register() -> None:
+    """Register the strategies in every installed Lightning registry now (importing Lightning if needed).
+
+    Importing the package already arranges it for whenever Lightning is imported; this is for code that wants
+    it done eagerly.
+    """
+    _register_lightning()
+    _register_pytorch_lightning()
+
+
+after_import("lightning.pytorch", _register_lightning)
+after_import("pytorch_lightning", _register_pytorch_lightning)

@@ -25,7 +25,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import _update_dataloader
@@ -1151,3 +1151,7 @@ def _check_arguments(
             f"average_every={average_every} only applies to averaging='parameter' (averaging={averaging!r} "
             "sums gradients every step)"
         )
+
+
+# Importing this module (the first use of lightning_cmp.CMPStrategy) registers the names with its Lightning.
+CMPStrategy.register_strategies(StrategyRegistry)
