@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import warnings
 from collections.abc import Callable, Generator, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -22,6 +23,7 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
@@ -419,6 +421,24 @@ class CMPStrategy(ParallelStrategy):
             replicas = get_schedule(self.schedule).num_replicas
             placement = Placement(self.num_stages, replicas)
             self._groups = DataGroups.build(self._comm, self.num_stages, placement, self._timeout)
+        self._quiet_inapplicable_warnings()
+
+    def _quiet_inapplicable_warnings(self) -> None:
+        """Hide the warnings a user of this strategy cannot act on (once per process, from `setup_environment`).
+
+        Lightning's "use ``self.log(..., sync_dist=True)`` when logging on epoch level": with one pipeline every rank
+        already holds the same value (it stays when there are several pipelines: there it applies). torch 2.14's
+        ``LeafSpec`` deprecation, raised inside Lightning's own ``CombinedLoader`` on every rank.
+        """
+        if self.num_groups == 1:
+            warnings.filterwarnings(
+                "ignore",
+                message=r"It is recommended to use `self\.log\(.*sync_dist=True\)`",
+                category=PossibleUserWarning,
+            )
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+        )
 
     @override
     def setup(self, trainer: Trainer) -> None:
