@@ -14,6 +14,7 @@ from typing_extensions import override
 import lightning_cmp  # noqa: F401  (registers the strategies "cmp", "mp" and "gpipe" for --trainer.strategy=cmp)
 from lightning_cmp.callbacks import PredictionWriter
 from lightning_cmp.data import FashionMNISTDataModule
+from lightning_cmp.errors import CMPConfigError, PartitionError
 from lightning_cmp.models import ImageClassifier
 
 # The short names --data=CIFAR10DataModule / --data=CIFAR100DataModule resolve because lightning_cmp.data is
@@ -64,12 +65,42 @@ class CMPCLI(LightningCLI):
         if self.subcommand not in (None, "predict") and self.config[self.subcommand].get("predictions"):
             self.parser.error(f"--predictions applies to `lightning-cmp predict`, not to {self.subcommand!r}")
 
+    @override
+    def instantiate_classes(self) -> None:
+        """A strategy option our classes refuse is a parser error naming the option, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except (CMPConfigError, PartitionError, ValueError) as err:
+            ours = _refusal(err)
+            if ours is None:
+                raise
+            self.parser.error(f"--trainer.strategy: {ours}")
+
     def before_predict(self) -> None:
         """Add a ``PredictionWriter``: ``trainer.predict`` returns the predictions, which a command would drop."""
         path = self.config["predict"].get("predictions") or Path(self.trainer.default_root_dir) / "predictions.csv"
         # Trainer.callbacks is set in Trainer.__init__, not declared on the class
         callbacks: list[L.Callback] = self.trainer.callbacks  # type: ignore[attr-defined]
         callbacks.append(PredictionWriter(path))
+
+
+def _refusal(err: BaseException) -> str | None:
+    """What lightning_cmp said about a bad option: its own error, or the reason jsonargparse quotes from it.
+
+    Examples:
+        >>> _refusal(CMPConfigError("unknown averaging 'x'"))
+        "unknown averaging 'x'"
+        >>> text = "Does not validate\\nErrors:\\n  - Expected a <class 'str'>\\n  - unknown averaging 'x'"
+        >>> print(_refusal(ValueError(text)))
+        unknown averaging 'x'
+        >>> _refusal(ValueError("something else")) is None
+        True
+    """
+    if isinstance(err, CMPConfigError | PartitionError):
+        return str(err)
+    reasons = [line.strip()[2:] for line in str(err).splitlines() if line.startswith("  - ")]
+    reasons = [r for r in reasons if not r.startswith("Expected a ")]
+    return "; ".join(reasons) if reasons and "Errors:" in str(err) else None
 
 
 def make_cli(

@@ -165,6 +165,20 @@ def test_a_registered_name_takes_no_options(capsys: pytest.CaptureFixture[str]) 
     assert 'Parser key "trainer.strategy"' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("averaging=bogus", "--trainer.strategy: unknown averaging 'bogus'; valid: 'gradient', 'parameter', 'sharded'"),
+        ("num_stages=3", "--trainer.strategy: num_stages=3"),
+    ],
+)
+def test_a_bad_strategy_option_is_a_parser_error(option: str, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        make_cli(["--trainer.strategy=CMPStrategy", f"--trainer.strategy.init_args.{option}"], run=False)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and says in err and "Traceback" not in err, err
+
+
 def test_bare_command_runs_cmp_on_two_cpu_processes_for_one_epoch() -> None:
     cli = make_cli([], run=False)
     assert isinstance(cli.trainer.strategy, lightning_cmp.CMPStrategy) and cli.trainer.strategy.schedule == "cmp"
