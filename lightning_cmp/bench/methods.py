@@ -20,7 +20,7 @@ from lightning_cmp.runtime.asynchronous import AsyncPipeline
 from lightning_cmp.runtime.trace import compute_fraction
 from lightning_cmp.schedule import get_schedule
 
-__all__ = ["METHODS", "Method", "run_method"]
+__all__ = ["METHODS", "Method", "plain_step", "run_method"]
 
 StepFn = Callable[[Tensor, Tensor], None]
 
@@ -93,9 +93,10 @@ def _ours(
     return step, pipe, drain
 
 
-def _plain(model: nn.Module, rank: int, world: int) -> StepFn:
-    """Single device, or DDP where each rank takes its share of the global batch."""
-    net: nn.Module = model if world == 1 else nn.parallel.DistributedDataParallel(model)
+def plain_step(model: nn.Module, rank: int, world: int, **ddp_options: Any) -> tuple[StepFn, torch.optim.Optimizer]:
+    """Single device, or DDP (with ``ddp_options``) where each rank takes its share of the global batch: the step
+    and its optimizer."""
+    net: nn.Module = model if world == 1 else nn.parallel.DistributedDataParallel(model, **ddp_options)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step(x: Tensor, y: Tensor) -> None:
@@ -104,7 +105,7 @@ def _plain(model: nn.Module, rank: int, world: int) -> StepFn:
         loss.backward()
         opt.step()
 
-    return step
+    return step, opt
 
 
 def _torch_pipelining(rank: int, world: int, model: nn.Module, method: Method, cuts: list[int]) -> StepFn:
@@ -169,7 +170,7 @@ def run_method(
     pipe: Pipeline | None = None
     drain: Callable[[], None] | None = None
     if method in ("single", "ddp"):
-        step = _plain(net, rank, world)
+        step, _ = plain_step(net, rank, world)
     elif method.startswith("pp_"):
         step = _torch_pipelining(rank, world, net, spec, cuts)
     else:

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_cmp.bench.launch import run_workers
+from lightning_cmp.bench.methods import plain_step
 from lightning_cmp.bench.models import build, make_batches
 from lightning_cmp.bench.project import block_costs, optimizer_seconds_per_byte, param_bytes, send_seconds
 from lightning_cmp.bench.report import save_figure, write_json
@@ -215,15 +216,7 @@ def run_raw(
     data = make_batches(steps + 1, batch_size, size)
     taps: list[Tap] = []
     if spec.num_stages == 0:
-        ddp = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True)
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-
-        def step(x: Tensor, y: Tensor) -> None:
-            loss = F.cross_entropy(ddp(x.tensor_split(world)[rank]), y.tensor_split(world)[rank])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
+        step, opt = plain_step(net, rank, world, gradient_as_bucket_view=True)
         local = sum(p.numel() * p.element_size() for p in net.parameters())
         groups = world
     else:
