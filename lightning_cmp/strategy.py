@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Generator, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,6 +47,8 @@ from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.asynchronous import AsyncPipeline
 from lightning_cmp.runtime.comm import peers_lost
 from lightning_cmp.runtime.groups import DataGroups
+from lightning_cmp.runtime.heartbeat import EXIT_CODE as HEARTBEAT_EXIT_CODE
+from lightning_cmp.runtime.heartbeat import Heartbeat
 from lightning_cmp.runtime.liveness import stop_processes
 from lightning_cmp.runtime.memory import WorkerBytes, worker_bytes
 from lightning_cmp.runtime.plan import PARTITIONS, Partition, check_partition, plan_partition
@@ -62,12 +65,14 @@ log = logging.getLogger(__name__)
 
 # A killed peer usually fails a gloo call at once; this bounds the wait on a hung one (torch's default: 30 min).
 DEFAULT_TIMEOUT = timedelta(seconds=120)
+#: How long a worker may stop answering heartbeats before the others declare it lost (``heartbeat_timeout``).
+DEFAULT_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 # The rendezvous waits for the slowest worker to start (import torch, or be scheduled on another node), which is
 # not a hang: it gets at least this long whatever ``timeout`` is, and the group's timeout is set after it.
 STARTUP_TIMEOUT = timedelta(seconds=120)
 
 # Whether this process created the default process group, and whether a run in it failed.
-_exit_state = {"registered": False, "failed": False}
+_exit_state: dict[str, Any] = {"registered": False, "failed": False, "heartbeat": None}
 
 
 #: Optimizer steps between two checks that the copies of every stage are still identical (and at the end of fit).
@@ -154,6 +159,11 @@ class CMPStrategy(ParallelStrategy):
             naming that peer's rank (default 120 s; a dead peer is noticed at once). Raise it when one step,
             the first-batch profiling or writing a checkpoint can keep the other workers waiting longer.
             Start-up, where the workers wait for the slowest one to start, is allowed at least 120 s.
+        heartbeat_timeout: a worker that stops answering heartbeats for this long (stopped, hung, its host
+            gone) is declared lost by the others, which end with an error naming its rank and host, even while
+            they wait inside a long collective (default 30 s). Heartbeats come from a thread of their own, so a
+            worker that is merely busy (a long step, profiling, a checkpoint) is never declared lost. ``None``
+            turns them off (then a hung worker is found after ``timeout``). See the "Faults and restarts" page.
         keep_split: for a model no single worker can hold: no process ever assembles it. Checkpoints are
             written stage by stage (rank 0 writes each tensor as its owner sends it) and after ``fit`` every rank
             keeps only its own stages. Default ``False``: rank 0 gathers the model to write a checkpoint and
@@ -195,6 +205,7 @@ class CMPStrategy(ParallelStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
+        heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         keep_split: bool = False,
     ) -> None:
@@ -222,6 +233,7 @@ class CMPStrategy(ParallelStrategy):
         self.module_name = module
         self._process_group_backend = process_group_backend
         self._timeout = timeout
+        self._heartbeat_timeout = heartbeat_timeout
         self._start_method = start_method
         self._chain: Chain | None = None
         self._target: nn.Module | None = None
@@ -415,6 +427,7 @@ class CMPStrategy(ParallelStrategy):
             atexit.register(_destroy_process_group_at_exit)
         # From here on every collective, Lightning's included, names the rank that died or hung.
         self._comm = Comm.world(self.global_rank, self.root_device)
+        self._watch_heartbeats(True)
         if self.num_stages is None:  # an external launcher set the world without _configure_launcher
             self.num_stages = self.world_size
         if self.num_groups > 1 or self.averaging == "sharded":  # sharded: over the mirror pair too
@@ -422,6 +435,35 @@ class CMPStrategy(ParallelStrategy):
             placement = Placement(self.num_stages, replicas)
             self._groups = DataGroups.build(self._comm, self.num_stages, placement, self._timeout)
         self._quiet_inapplicable_warnings()
+
+    def _watch_heartbeats(self, on: bool) -> None:
+        """Start this process's heartbeat (once; it beats until the process exits) and watch the other workers
+        while this Trainer runs (``on``), or stop watching (its run is over: the others may be finishing)."""
+        if self._heartbeat_timeout is None or self.world_size < 2:
+            return
+        heartbeat = _exit_state["heartbeat"]
+        if heartbeat is None and on:
+            assert self._comm is not None
+            heartbeat = Heartbeat.connect(
+                self.global_rank,
+                list(range(self.world_size)),
+                self._comm.processes,
+                self._heartbeat_timeout,
+                on_lost=self._on_heartbeat_lost,
+            )
+            _exit_state["heartbeat"] = heartbeat
+            atexit.register(heartbeat.stop)  # a clean exit is never taken for a fault
+        if heartbeat is not None:
+            heartbeat.watch(on)
+
+    def _on_heartbeat_lost(self, rank: int, message: str) -> None:
+        """In the heartbeat thread: report, stop the workers this process launched (a stopped one would outlive
+        the job), and end this process (its main thread may wait in a collective until ``timeout``)."""
+        print(f"[rank {self.global_rank}] PeerLostError: {message}", file=sys.stderr, flush=True)
+        _exit_state["failed"] = True
+        if isinstance(self._launcher, _SubprocessScriptLauncher):
+            stop_processes(self._launcher.procs, grace_s=0.0)
+        os._exit(HEARTBEAT_EXIT_CODE)
 
     def _quiet_inapplicable_warnings(self) -> None:
         """Hide the warnings a user of this strategy cannot act on (once per process, from `setup_environment`).
@@ -1048,6 +1090,7 @@ class CMPStrategy(ParallelStrategy):
         self._pipeline, self._chain, self._target, self._layouts = None, None, None, []
         self._pending_state, self._pending_optimizer_states = None, None
         self._teardown_base()
+        self._watch_heartbeats(False)
         if self._peers_lost and isinstance(self._launcher, _SubprocessScriptLauncher):
             # A hung worker would outlive the job: Lightning kills the workers it started only on Ctrl-C.
             stopped = stop_processes(self._launcher.procs)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["Processes", "blame", "is_running", "stop_processes", "this_process"]
+__all__ = ["Processes", "blame", "is_running", "note_lost_rank", "stop_processes", "this_process"]
 
 _NOTE = "lightning_cmp/first_lost_rank"
 _SETTLE_S = 1.0  # how long a failing rank looks for the culprit before naming every peer
@@ -99,6 +99,11 @@ def _read_note() -> int | None:
     except Exception:
         return None
     return None
+
+
+def note_lost_rank(rank: int) -> None:
+    """Record ``rank`` as the first one lost (the first note wins), so the other ranks' errors name it too."""
+    _write_note(rank)
 
 
 def _write_note(rank: int) -> None:

@@ -18,7 +18,9 @@ Config keys (all optional except ``out``, ``devices`` and ``runs``):
 - ``same_data``: false gives every rank its own shuffled sampler with ``use_distributed_sampler=False``;
 - ``dict_batch``: batches are nested dicts (with a string field) that ``training_step`` unpacks;
 - ``expect_error``: go on with the next run when this one fails (on every rank alike);
-- ``timeout`` (top level): ``CMPStrategy(timeout=...)`` in seconds;
+- ``busy``: ``{"rank": r, "batch": b, "seconds": s}``: that rank spends ``s`` seconds in ``training_step`` of
+  batch ``b`` of the first epoch (alive but busy: the others wait in the step's first collective);
+- ``timeout`` (top level): ``CMPStrategy(timeout=...)`` in seconds; ``heartbeat_timeout`` (top level): likewise;
 - ``num_stages`` (top level): ``CMPStrategy(num_stages=...)``; fewer than ``devices`` trains data-parallel pipelines;
 - ``start_delay`` (top level): seconds every rank but 0 sleeps before its first fit (a worker slow to start).
 """
@@ -121,6 +123,21 @@ class Fault(Callback):
         raise RuntimeError(f"injected failure on rank {self.rank}")
 
 
+class Busy(Callback):
+    """One rank stays busy (sleeping, as a long computation would) for ``seconds`` at the start of one batch."""
+
+    def __init__(self, rank: int, batch: int, seconds: float, out: Path) -> None:
+        self.rank, self.batch, self.seconds, self.out = rank, batch, seconds, out
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch == 0 and batch_idx == self.batch:
+            start = time.time()
+            time.sleep(self.seconds)
+            (self.out / "busy.json").write_text(json.dumps({"rank": self.rank, "start": start, "end": time.time()}))
+
+
 class Start(Callback):
     """The global step training started from (not 0 when resumed from a checkpoint)."""
 
@@ -151,17 +168,21 @@ def per_rank_loader(rank: int) -> DataLoader:
 def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
     devices = cfg["devices"]
     timeout = timedelta(seconds=cfg["timeout"]) if "timeout" in cfg else lightning_cmp.strategy.DEFAULT_TIMEOUT
+    heartbeat = cfg.get("heartbeat_timeout", lightning_cmp.strategy.DEFAULT_HEARTBEAT_TIMEOUT.total_seconds())
     strategy = lightning_cmp.CMPStrategy(
         averaging=run.get("averaging", "gradient"),
         partition=run.get("partition", "uniform"),
         timeout=timeout,
         num_stages=cfg.get("num_stages"),
+        heartbeat_timeout=None if heartbeat is None else timedelta(seconds=heartbeat),
     )
     copies, start = Copies(), Start()
     folder = out / run.get("resume", run["name"])
     callbacks: list[Callback] = [ModelCheckpoint(dirpath=folder, save_last=True), copies, start]
     if "kill" in run:
         callbacks.append(Fault(out=out, **run["kill"]))
+    if "busy" in run:
+        callbacks.append(Busy(out=out, **run["busy"]))
     same_data = run.get("same_data", True)
     trainer = L.Trainer(
         accelerator="cpu",

@@ -1,0 +1,74 @@
+"""Heartbeats: a stopped worker ends the job within heartbeat_timeout + 15 s, whatever the others are waiting in,
+and a busy one (a 60 s step) is never declared lost. The measured times go to ``$HEARTBEAT_JSON`` if set."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.launch import launch
+
+HEARTBEAT_S = 10
+BOUND_S = HEARTBEAT_S + 15
+_MEASURED: list[dict] = []
+
+
+def _run(tmp_path: Path, devices: int, runs: list[dict], **extra: object) -> tuple[dict[int, str], float, str]:
+    cfg = {"out": str(tmp_path), "devices": devices, "heartbeat_timeout": HEARTBEAT_S, "runs": runs, **extra}
+    outcome = launch("tests.reliability.scenario", cfg, deadline=300)
+    fault = json.loads((tmp_path / "fault.json").read_text())
+    errors = {int(m[1]): m[2] for m in re.finditer(r"^\[rank (\d+)\] (PeerLostError: .*)$", outcome.log, re.MULTILINE)}
+    exit_s = outcome.gone_at - fault["t"]
+    assert outcome.leftovers == [], f"processes left behind: {outcome.leftovers}\n{outcome.log[-3000:]}"
+    assert outcome.returncode != 0
+    return errors, exit_s, outcome.log
+
+
+def _record(case: str, exit_s: float, errors: dict[int, str]) -> None:
+    _MEASURED.append({"case": case, "heartbeat_timeout_s": HEARTBEAT_S, "all_gone_s": round(exit_s, 1)})
+    target = os.environ.get("HEARTBEAT_JSON")
+    if target:
+        Path(target).write_text(json.dumps(_MEASURED, indent=2))
+    print(f"{case}: all processes gone {exit_s:.1f} s after the fault; errors {errors}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_busy_worker_is_not_lost_and_a_stopped_one_ends_the_job(tmp_path: Path) -> None:
+    # Rank 1 spends 60 s in one step (6 x heartbeat_timeout) while rank 0 waits for it in a collective: no alarm.
+    # In the next epoch it is stopped (SIGSTOP) while rank 0 waits in a collective whose own timeout is 120 s.
+    busy = {"rank": 1, "batch": 1, "seconds": 60}
+    kill = {"rank": 1, "epoch": 1, "batch": 0, "how": "sigstop"}
+    errors, exit_s, log = _run(tmp_path, 2, [{"name": "a", "epochs": 2, "busy": busy, "kill": kill}])
+    spent = json.loads((tmp_path / "busy.json").read_text())
+    assert spent["end"] - spent["start"] >= 60  # the busy step ran to its end, and training went on after it
+    # (an alarm during the busy step would have ended the job before the fault: _run found fault.json)
+    assert errors[0].startswith("PeerLostError: rank 1 on ") and "stopped answering heartbeats" in errors[0]
+    assert f"heartbeat_timeout={HEARTBEAT_S} s" in errors[0]
+    assert HEARTBEAT_S <= exit_s < BOUND_S, log[-3000:]
+    _record("K=2, rank 1 stopped after a 60 s step", exit_s, errors)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    ("devices", "rank", "extra"),
+    [(3, 1, {}), (4, 2, {"num_stages": 2})],
+    ids=["K=3 middle stage", "2 pipelines of K=2"],
+)
+def test_a_stopped_worker_ends_every_worker_within_the_heartbeat_timeout(
+    tmp_path: Path, devices: int, rank: int, extra: dict
+) -> None:
+    kill = {"rank": rank, "epoch": 0, "batch": 2, "how": "sigstop"}
+    errors, exit_s, log = _run(tmp_path, devices, [{"name": "a", "epochs": 1, "kill": kill}], **extra)
+    assert errors, log[-3000:]
+    for r, error in errors.items():  # a survivor whose collective broke first names the same rank (the store note)
+        assert r != rank and error.startswith(f"PeerLostError: rank {rank} "), (r, error)
+    assert any("stopped answering heartbeats" in error for error in errors.values()), errors
+    assert HEARTBEAT_S <= exit_s < BOUND_S, log[-3000:]
+    label = f"K=3, rank {rank} stopped" if devices == 3 else f"K=2 x D=2, rank {rank} stopped"
+    _record(label, exit_s, errors)
