@@ -28,6 +28,8 @@ LIGHTNING_ALLOWED = (
     "bench/memory_run.py",
     # The GPU smoke test's last check fits through the Trainer (one worker per GPU), as a user's script does.
     "bench/gpu_smoke.py",
+    # The scale-out benchmark's Trainer rows compare Lightning's ddp with our strategies, as a user would.
+    "bench/scaleout.py",
 )
 TORCH = {"torch", "torchvision", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics"}
 LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -90,3 +93,21 @@ def train_reference(name: str, steps: int, lr: float = 0.05) -> tuple[dict[str, 
     model = build(name)
     losses = train_steps(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), batches(steps))
     return {k: v.clone() for k, v in model.state_dict().items()}, losses
+
+
+def averaging_dtype(averaging: str) -> torch.dtype:
+    """The dtype a schedule is compared with one device in: averaging weights rounds differently from averaging
+    gradients, and over a few steps a ReLU or max-pool tie can amplify float32's difference to ~5e-4 on some CPUs
+    (float64: ~1e-15), so the parameter form is compared in float64."""
+    return torch.float64 if averaging == "parameter" else torch.float32
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build models and batches in ``dtype`` inside the block."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -13,7 +10,7 @@ from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.groups import DataGroups, GroupLayout
 from lightning_cmp.schedule import Placement, get_schedule
 from tests.helpers.launch import run_workers
-from tests.helpers.models import batches, build, train_steps
+from tests.helpers.models import averaging_dtype, batches, build, default_dtype, train_steps
 
 STEPS = 4
 GROUPS = 2
@@ -28,8 +25,7 @@ CASES: list[tuple[str, str, str, int]] = [
     # Averaging every copy's weights after every SGD step is linear in the gradients: it matches too.
     ("sequential", "cmp", "parameter", 1),
     ("sequential", "mp", "parameter", 1),
-    # (in float64: averaging weights rounds differently from averaging gradients, and over 4 steps a ReLU or
-    # max-pool tie can amplify float32's difference to ~1e-4 on some CPUs; in float64 it stays ~1e-15)
+    # (compared in float64: see averaging_dtype)
     # Lee et al.: reduce-scatter, each copy steps its shard, all-gather before the next forward
     ("sequential", "cmp", "sharded", 1),
     ("resnet18", "cmp", "sharded", 1),
@@ -38,22 +34,8 @@ CASES: list[tuple[str, str, str, int]] = [
 ]
 
 
-def _dtype(averaging: str) -> torch.dtype:
-    return torch.float64 if averaging == "parameter" else torch.float32
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 def _train(rank: int, world: int, model_name: str, schedule: str, averaging: str, microbatches: int) -> dict:
-    with _default_dtype(_dtype(averaging)):
+    with default_dtype(averaging_dtype(averaging)):
         return _train_in(rank, world, model_name, schedule, averaging, microbatches)
 
 
@@ -117,7 +99,7 @@ def _all_cases(rank: int, world: int) -> list[dict]:
 
 def _reference(name: str, dtype: torch.dtype) -> tuple[dict, list[float], dict]:
     """Single-process SGD on the global batches: weights, losses and the optimizer's state dict."""
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         model = build(name)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         losses = train_steps(model, opt, batches(STEPS))
@@ -126,7 +108,8 @@ def _reference(name: str, dtype: torch.dtype) -> tuple[dict, list[float], dict]:
 
 @pytest.fixture(scope="module")
 def references() -> dict:
-    return {(name, _dtype(averaging)): _reference(name, _dtype(averaging)) for name, _, averaging, _ in CASES}
+    dtypes = {(name, averaging_dtype(averaging)) for name, _, averaging, _ in CASES}
+    return {(name, dtype): _reference(name, dtype) for name, dtype in dtypes}
 
 
 @pytest.mark.parametrize("world", [4, 6])
@@ -134,7 +117,7 @@ def test_groups_equal_single_process_sgd_on_the_union_of_their_batches(world: in
     results = run_workers(_all_cases, world, timeout=300)
     cases = CASES if world == 4 else [c for c in CASES if c[0] == "sequential"]
     for index, case in enumerate(cases):
-        ref_state, ref_losses, ref_optimizer = references[case[0], _dtype(case[2])]
+        ref_state, ref_losses, ref_optimizer = references[case[0], averaging_dtype(case[2])]
         per_group: dict[int, list[float]] = {}
         for rank, per_rank in enumerate(results):
             got = per_rank[index]

@@ -8,7 +8,7 @@ import torch
 from lightning_cmp.partition import trace_chain, uniform_cuts
 from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
 from tests.helpers.launch import run_workers
-from tests.helpers.models import batches, build, train_reference, train_steps
+from tests.helpers.models import averaging_dtype, batches, build, default_dtype, train_reference, train_steps
 
 STEPS = 5
 # (model, schedule, averaging, shared_memory[, num_microbatches[, shift]]): mirrors on one host exchange through
@@ -21,7 +21,8 @@ CASES: list[tuple] = [
     ("resnet18", "cmp", "gradient", True),
     ("resnet18", "cmp", "gradient", False),
     ("resnet18_bn_eval", "cmp", "gradient", True),
-    # Averaging the weights after every SGD step is linear in the gradients, so it matches too.
+    # Averaging the weights after every SGD step is linear in the gradients, so it matches too (compared in
+    # float64: see averaging_dtype).
     ("sequential", "cmp", "parameter", True),
     ("sequential", "cmp", "parameter", False),
     # Microbatches: both directions interleaved 1F1B-style, the loss computed per microbatch.
@@ -45,7 +46,12 @@ def _forward_cuts(cuts: list[int], num_blocks: int, shift: int) -> list[int]:
     return [min(c + shift, stop) for c, stop in zip(cuts, [*cuts[1:], num_blocks - 1], strict=True)]
 
 
-def _train(
+def _train(*args: object) -> dict:
+    with default_dtype(averaging_dtype(str(args[4]))):
+        return _train_in(*args)  # type: ignore[arg-type]
+
+
+def _train_in(
     rank: int,
     world: int,
     model_name: str,
@@ -105,7 +111,11 @@ def _all_cases(rank: int, world: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def references() -> dict:
-    return {name: train_reference(name, STEPS) for name in {c[0] for c in CASES}}
+    out = {}
+    for name, _, averaging, *_ in CASES:
+        with default_dtype(averaging_dtype(averaging)):
+            out[name, averaging_dtype(averaging)] = train_reference(name, STEPS)
+    return out
 
 
 def _relative_error(state: dict, ref: dict) -> float:
@@ -116,7 +126,7 @@ def _relative_error(state: dict, ref: dict) -> float:
 def test_weights_and_losses_equal_single_process(world: int, references: dict) -> None:
     results = run_workers(_all_cases, world, timeout=240)
     for index, (model_name, schedule, averaging, shared_memory, *rest) in enumerate(_cases(world)):
-        ref_state, ref_losses = references[model_name]
+        ref_state, ref_losses = references[model_name, averaging_dtype(averaging)]
         shift = rest[1] if len(rest) > 1 else 0
         for rank, per_rank in enumerate(results):
             got = per_rank[index]
