@@ -14,6 +14,7 @@ from typing import Any
 from lightning_cmp.bench.asynchronous import tables_from_json as asynchronous_tables
 from lightning_cmp.bench.bipartition import tables_from_json as bipartition_tables
 from lightning_cmp.bench.microbatches import tables_from_json
+from lightning_cmp.bench.report import fault_table
 from lightning_cmp.bench.scaleout import tables_from_json as scaleout_tables
 from lightning_cmp.schedule import SCHEDULES, lower, render, render_async, simulate
 
@@ -21,6 +22,8 @@ from lightning_cmp.schedule import SCHEDULES, lower, render, render_async, simul
 _MICROBATCHES = re.compile(r"<!--\s*microbatches\s+json=(\S+)\s*-->")
 _BIPARTITION = re.compile(r"<!--\s*bipartition\s+json=(\S+)\s*-->")
 _SCALEOUT = re.compile(r"<!--\s*scaleout\s+json=(\S+)\s*-->")
+# <!-- faults json=docs/bench/heartbeats.json,docs/bench/restarts.json -->
+_FAULTS = re.compile(r"<!--\s*faults\s+json=(\S+)\s*-->")
 _TIMETABLE = re.compile(r"<!--\s*timetable\s+schedule=(\w+)\s+num_stages=(\d+)(?:\s+num_microbatches=(\d+))?\s*-->")
 _MAKESPANS = re.compile(r"<!--\s*makespans\s+num_stages=([\d,]+)\s*-->")
 # <!-- asynchronous json=docs/bench/async.json accuracy=docs/bench/accuracy_async.json -->
@@ -110,6 +113,7 @@ def on_page_markdown(markdown: str, page: Any = None, **kwargs: Any) -> str:
     markdown = _MICROBATCHES.sub(lambda m: tables_from_json(m[1]), markdown)
     markdown = _BIPARTITION.sub(lambda m: bipartition_tables(m[1]), markdown)
     markdown = _SCALEOUT.sub(lambda m: scaleout_tables(m[1]), markdown)
+    markdown = _FAULTS.sub(lambda m: fault_table(m[1].split(",")), markdown)
     markdown = _ASYNCHRONOUS.sub(lambda m: asynchronous_tables(m[1], m[2]), markdown)
     markdown = _VERSIONS.sub(lambda m: versions_block(int(m[1]), int(m[2]), m[3]), markdown)
     return with_outputs(markdown, name)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Generator, Hashable, Iterator, Mapping, Sequence
@@ -49,7 +51,7 @@ from lightning_cmp.runtime.comm import peers_lost
 from lightning_cmp.runtime.groups import DataGroups
 from lightning_cmp.runtime.heartbeat import EXIT_CODE as HEARTBEAT_EXIT_CODE
 from lightning_cmp.runtime.heartbeat import Heartbeat
-from lightning_cmp.runtime.liveness import stop_processes
+from lightning_cmp.runtime.liveness import stop_processes, this_process
 from lightning_cmp.runtime.memory import WorkerBytes, worker_bytes
 from lightning_cmp.runtime.plan import PARTITIONS, Partition, check_partition, plan_partition
 from lightning_cmp.runtime.scaler import agree_on_overflow
@@ -97,6 +99,27 @@ def _set_group_timeout(timeout: timedelta) -> None:
         )
         return
     _set_pg_timeout(timeout)  # pragma: no cover
+
+
+def _elastic_attempt_store(timeout: timedelta | None) -> dict[str, Any]:
+    """Under torchrun (the agent hosts the store): the store for this attempt only, as ``init_process_group``'s
+    ``store``; elsewhere nothing (Lightning's env:// rendezvous).
+
+    The agent's store outlives a restart (``--max-restarts``), and with it the last attempt's keys: a restarted
+    worker could read a dead worker's gloo address and fail to connect. Every worker of an attempt shares its
+    ``TORCHELASTIC_RESTART_COUNT``, so prefixing the keys with it gives each attempt a clean namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return {}
+    if dist.is_initialized():
+        return {}
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timeout or STARTUP_TIMEOUT,
+    )
+    return {"store": dist.PrefixStore(f"lightning_cmp/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", client)}
 
 
 def _destroy_process_group_at_exit() -> None:
@@ -419,7 +442,7 @@ class CMPStrategy(ParallelStrategy):
         self._process_group_backend = backend
         created = not dist.is_initialized()
         startup = None if self._timeout is None else max(self._timeout, STARTUP_TIMEOUT)
-        _init_dist_connection(self.cluster_environment, backend, timeout=startup)
+        _init_dist_connection(self.cluster_environment, backend, timeout=startup, **_elastic_attempt_store(startup))
         if created and self._timeout is not None and self._timeout < STARTUP_TIMEOUT:
             _set_group_timeout(self._timeout)
         if created and not _exit_state["registered"]:
@@ -463,6 +486,11 @@ class CMPStrategy(ParallelStrategy):
         _exit_state["failed"] = True
         if isinstance(self._launcher, _SubprocessScriptLauncher):
             stop_processes(self._launcher.procs, grace_s=0.0)
+        assert self._comm is not None
+        host, pid = self._comm.processes.get(rank, ("", 0))
+        if pid and host == this_process()[0]:  # a stopped worker would outlive the job (and a restart's wait)
+            with contextlib.suppress(OSError):
+                os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
         os._exit(HEARTBEAT_EXIT_CODE)
 
     def _quiet_inapplicable_warnings(self) -> None:

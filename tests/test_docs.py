@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter:Us
 
 DOCS = Path(__file__).parents[1] / "docs"
 TUTORIALS = ["index.md", "how-cmp-works.md", "choosing.md", "own-module.md", "troubleshooting.md", "recipes.md"]
-TUTORIALS += ["large-models.md", "bipartition.md", "asynchronous.md", "scaling-out.md"]
+TUTORIALS += ["large-models.md", "bipartition.md", "asynchronous.md", "scaling-out.md", "faults-and-restarts.md"]
 #: the only reasons a block may be left out: it needs hardware CI does not have
 SKIP_REASONS = {"gpu", "cluster"}
 #: per page: (```python blocks run, lightning-cmp commands built in process, of those also run for real). A block
@@ -45,6 +45,7 @@ EXPECTED_RUNS = {
     "bipartition.md": (1, 0, 0),
     "asynchronous.md": (1, 0, 0),
     "scaling-out.md": (1, 0, 0),
+    "faults-and-restarts.md": (1, 0, 0),
 }
 #: the examples of troubleshooting.md, each printing one error
 EXPECTED_ERRORS = 12

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLUMNS", "bar_chart", "markdown_table", "projection_table", "save_figure", "write_json"]
+__all__ = ["COLUMNS", "bar_chart", "fault_table", "markdown_table", "projection_table", "save_figure", "write_json"]
 
 COLUMNS = ("method", "workers", "samples/s", "vs mp", "peak RSS MiB per worker", "idle fraction per worker")
 
@@ -89,3 +89,26 @@ def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def fault_table(paths: list[str | Path]) -> str:
+    """One row per measured fault from the JSON lists the reliability tests write (``HEARTBEAT_JSON``,
+    ``RESTART_JSON``): the case, the heartbeat timeout, and the time from the fault until every process was gone
+    or until the restarted job's first step.
+
+    Examples:
+        >>> import json, tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "x.json"
+        >>> _ = f.write_text(json.dumps([{"case": "K=2", "heartbeat_timeout_s": 10, "all_gone_s": 10.6}]))
+        >>> print(fault_table([f]).splitlines()[2])
+        | K=2 | 10 | 10.6 |  |
+    """
+    lines = [
+        "| fault | heartbeat_timeout (s) | all processes gone after (s) | first step after the restart (s) |",
+        "|---|---|---|---|",
+    ]
+    for path in paths:
+        for row in json.loads(Path(path).read_text()):
+            gone, restarted = row.get("all_gone_s", ""), row.get("first_step_after_restart_s", "")
+            lines.append(f"| {row['case']} | {row['heartbeat_timeout_s']} | {gone} | {restarted} |")
+    return "\n".join(lines)

@@ -78,6 +78,7 @@ class Heartbeat:
         self.interval = interval if interval is not None else min(5.0, max(0.2, self.timeout / 6))
         self.on_lost = on_lost or (lambda lost, message: _exit_naming(rank, message))
         self.beats = 0
+        self.busy_s = 0.0  # time the thread spent on the store: the heartbeat's whole cost to this worker
         self.lost: int | None = None
         self.watching = True
         self._stop = threading.Event()
@@ -93,7 +94,9 @@ class Heartbeat:
         host, port = address
         wait = timedelta(seconds=max(2.0, timeout.total_seconds() / 3))
         client = dist.TCPStore(host, port, is_master=False, timeout=wait)
-        heartbeat = cls(dist.PrefixStore(_PREFIX, client), rank, ranks, processes, timeout, **kwargs)
+        # a restarted job (torchrun --max-restarts) may find the last attempt's keys in the agent's store
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        heartbeat = cls(dist.PrefixStore(f"{_PREFIX}{attempt}/", client), rank, ranks, processes, timeout, **kwargs)
         heartbeat.start()
         return heartbeat
 
@@ -134,6 +137,7 @@ class Heartbeat:
                 present = [r for r in self.others if self.store.check([f"beat/{r}"])]
                 values = self.store.multi_get([f"beat/{r}" for r in present]) if present else []
                 store_ok = now
+                self.busy_s += time.monotonic() - now
             except Exception:  # the store did not answer: its host (rank 0 or the agent) may be stopped
                 if self.watching and now - store_ok > self.timeout and not self._stop.is_set():
                     self._declare(None, now - store_ok)

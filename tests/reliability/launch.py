@@ -36,13 +36,16 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def launch(module: str, cfg: dict, deadline: float = 240) -> Outcome:
-    """Run ``python -m module '<cfg>'`` like a user's script; Lightning starts the other ranks from it."""
+def launch(module: str, cfg: dict, deadline: float = 240, launcher: tuple[str, ...] = ()) -> Outcome:
+    """Run ``python -m module '<cfg>'`` like a user's script; Lightning starts the other ranks from it.
+
+    ``launcher``: arguments before the module, e.g. ``("-m", "torch.distributed.run", "--nproc-per-node=2")`` to
+    start it under torchrun."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     log = Path(cfg["out"]) / "launch.log"
     with log.open("w") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, json.dumps(cfg)],
+            [sys.executable, *launcher, "-m", module, json.dumps(cfg)],
             cwd=ROOT,
             env=env,
             stdout=sink,

@@ -109,8 +109,8 @@ class Fault(Callback):
             self._strike(trainer)
 
     def _strike(self, trainer: L.Trainer) -> None:
-        if trainer.current_epoch != self.epoch:
-            return
+        if trainer.current_epoch != self.epoch or (self.out / "fault.json").exists():
+            return  # once per scenario: a restarted job (torchrun --max-restarts) passes the same point again
         if self.how == "killpg":  # the whole job dies at once, as on a node failure
             if trainer.global_rank == 0:
                 os.killpg(os.getpgrp(), signal.SIGKILL)
@@ -142,9 +142,13 @@ class Start(Callback):
     """The global step training started from (not 0 when resumed from a checkpoint)."""
 
     global_step = -1
+    first_step_at = 0.0  # time.time() when the first step of this fit ended
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.global_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.first_step_at = self.first_step_at or time.time()
 
 
 class Copies(Callback):
@@ -211,6 +215,7 @@ def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
         "copies": copies.copies,
         "global_step": trainer.global_step,
         "start_step": start.global_step,
+        "first_step_at": start.first_step_at,
     }
 
 
