@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
 from lightning.fabric.utilities.distributed import (
     DistributedSamplerWrapper,
     _get_default_process_group_backend_for_device,
@@ -99,6 +100,34 @@ def _set_group_timeout(timeout: timedelta) -> None:
         )
         return
     _set_pg_timeout(timeout)  # pragma: no cover
+
+
+class _RestartingLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher, started under torch's elastic agent: on ``launch`` the process replaces itself
+    with ``torchrun --standalone --nproc-per-node=N --max-restarts=R <the same command>``; in the workers the agent
+    starts, Lightning sees TorchElastic's environment and this launcher runs the function in place."""
+
+    def __init__(self, cluster_environment: ClusterEnvironment, num_processes: int, max_restarts: int) -> None:
+        super().__init__(cluster_environment, num_processes, 1)
+        self.max_restarts = max_restarts
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        if not self.cluster_environment.creates_processes_externally:
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={self.num_processes}",
+                f"--max-restarts={self.max_restarts}",
+                *_basic_subprocess_cmd()[1:],
+            ]
+            log.info("lightning_cmp: restarting under torch's elastic agent: %s", " ".join(command))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, command)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
 
 
 def _elastic_attempt_store(timeout: timedelta | None) -> dict[str, Any]:
@@ -187,6 +216,11 @@ class CMPStrategy(ParallelStrategy):
             they wait inside a long collective (default 30 s). Heartbeats come from a thread of their own, so a
             worker that is merely busy (a long step, profiling, a checkpoint) is never declared lost. ``None``
             turns them off (then a hung worker is found after ``timeout``). See the "Faults and restarts" page.
+        max_restarts: restart the job this many times when a worker is lost (one machine; Lightning's
+            ``python train.py`` launch): the script is started again from the top under torch's elastic agent
+            (``torchrun --standalone --max-restarts``), which starts every worker afresh after a failure. Combine
+            it with ``ModelCheckpoint(save_last=True)`` and ``fit(ckpt_path="last")`` to resume from the last
+            checkpoint. On several nodes start the script with ``torchrun --max-restarts`` yourself.
         keep_split: for a model no single worker can hold: no process ever assembles it. Checkpoints are
             written stage by stage (rank 0 writes each tensor as its owner sends it) and after ``fit`` every rank
             keeps only its own stages. Default ``False``: rank 0 gathers the model to write a checkpoint and
@@ -230,6 +264,7 @@ class CMPStrategy(ParallelStrategy):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        max_restarts: int = 0,
         keep_split: bool = False,
     ) -> None:
         super().__init__(
@@ -258,6 +293,9 @@ class CMPStrategy(ParallelStrategy):
         self._timeout = timeout
         self._heartbeat_timeout = heartbeat_timeout
         self._start_method = start_method
+        if max_restarts < 0:
+            raise CMPConfigError(f"max_restarts={max_restarts}; use 0 (no restarts) or more")
+        self.max_restarts = max_restarts
         self._chain: Chain | None = None
         self._target: nn.Module | None = None
         self._pipeline: Pipeline | None = None
@@ -387,7 +425,14 @@ class CMPStrategy(ParallelStrategy):
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         self._check_world()
-        if self._start_method == "popen":
+        if self.max_restarts:
+            if self.num_nodes > 1:
+                raise CMPConfigError(
+                    f"max_restarts={self.max_restarts} restarts a job on one machine; with num_nodes="
+                    f"{self.num_nodes} start the script with torchrun --max-restarts={self.max_restarts} on every node"
+                )
+            self._launcher = _RestartingLauncher(self.cluster_environment, self.num_processes, self.max_restarts)
+        elif self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
             self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)

@@ -21,6 +21,7 @@ Config keys (all optional except ``out``, ``devices`` and ``runs``):
 - ``busy``: ``{"rank": r, "batch": b, "seconds": s}``: that rank spends ``s`` seconds in ``training_step`` of
   batch ``b`` of the first epoch (alive but busy: the others wait in the step's first collective);
 - ``timeout`` (top level): ``CMPStrategy(timeout=...)`` in seconds; ``heartbeat_timeout`` (top level): likewise;
+- ``max_restarts`` (top level): ``CMPStrategy(max_restarts=...)`` (the script re-runs under torch's agent);
 - ``num_stages`` (top level): ``CMPStrategy(num_stages=...)``; fewer than ``devices`` trains data-parallel pipelines;
 - ``start_delay`` (top level): seconds every rank but 0 sleeps before its first fit (a worker slow to start).
 """
@@ -179,6 +180,7 @@ def fit(cfg: dict, run: dict, out: Path) -> dict[str, Any]:
         timeout=timeout,
         num_stages=cfg.get("num_stages"),
         heartbeat_timeout=None if heartbeat is None else timedelta(seconds=heartbeat),
+        max_restarts=cfg.get("max_restarts", 0),
     )
     copies, start = Copies(), Start()
     folder = out / run.get("resume", run["name"])

@@ -41,11 +41,27 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_torchrun_restarts_and_resumes_to_the_uninterrupted_weights(
     tmp_path: Path, uninterrupted: dict, kill: dict, case: str
 ) -> None:
+    _restart(tmp_path, uninterrupted, kill, f"torchrun --max-restarts=1, {case}", launcher=TORCHRUN)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_max_restarts_restarts_a_plain_python_launch(tmp_path: Path, uninterrupted: dict) -> None:
+    # `python script.py` with CMPStrategy(max_restarts=1): the strategy hands the script to torch's agent
+    kill = {"rank": 1, "epoch": 1, "batch": 2, "how": "sigstop"}
+    _restart(
+        tmp_path, uninterrupted, kill, "python script.py, max_restarts=1, rank 1 stopped mid-epoch", max_restarts=1
+    )
+
+
+def _restart(
+    tmp_path: Path, uninterrupted: dict, kill: dict, case: str, launcher: tuple[str, ...] = (), **extra: object
+) -> None:
     # One run that checkpoints every epoch into its own folder and always asks for the last checkpoint, as a
     # user's script would: the first attempt finds none and starts afresh, the restart finds epoch 0's.
     run = {"name": "a", "resume": "a", "epochs": 2, "kill": kill}
-    cfg = {"out": str(tmp_path), "devices": 2, "heartbeat_timeout": HEARTBEAT_S, "runs": [run]}
-    outcome = launch("tests.reliability.scenario", cfg, deadline=400, launcher=TORCHRUN)
+    cfg = {"out": str(tmp_path), "devices": 2, "heartbeat_timeout": HEARTBEAT_S, "runs": [run], **extra}
+    outcome = launch("tests.reliability.scenario", cfg, deadline=400, launcher=launcher)
     assert outcome.returncode == 0, outcome.log[-4000:]
     assert outcome.leftovers == []
     assert "restart" in outcome.log.lower() or "Restarting" in outcome.log, outcome.log[-3000:]
@@ -56,7 +72,7 @@ def test_torchrun_restarts_and_resumes_to_the_uninterrupted_weights(
     for name, value in uninterrupted["state"].items():
         assert torch.equal(result["state"][name], value), name
     restarted_s = result["first_step_at"] - fault["t"]
-    _MEASURED.append({"case": f"torchrun --max-restarts=1, {case}", "heartbeat_timeout_s": HEARTBEAT_S,
+    _MEASURED.append({"case": case, "heartbeat_timeout_s": HEARTBEAT_S,
                       "first_step_after_restart_s": round(restarted_s, 1)})  # fmt: skip
     target = os.environ.get("RESTART_JSON")
     if target:

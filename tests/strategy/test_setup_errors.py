@@ -265,3 +265,10 @@ def test_module_name_must_exist() -> None:
 
 def test_package_exports() -> None:
     assert lightning_cmp.CMPStrategy is CMPStrategy
+
+
+def test_max_restarts_is_checked() -> None:
+    with pytest.raises(CMPConfigError, match=r"max_restarts=-1; use 0"):
+        CMPStrategy(max_restarts=-1)
+    with pytest.raises(CMPConfigError, match=r"with num_nodes=2 start the script with torchrun --max-restarts=2"):
+        L.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy=CMPStrategy(max_restarts=2), logger=False)
