@@ -101,14 +101,17 @@ def fault_table(paths: list[str | Path]) -> str:
         >>> f = Path(tempfile.mkdtemp()) / "x.json"
         >>> _ = f.write_text(json.dumps([{"case": "K=2", "heartbeat_timeout_s": 10, "all_gone_s": 10.6}]))
         >>> print(fault_table([f]).splitlines()[2])
-        | K=2 | 10 | 10.6 |  |
+        | K=2 | 10 |  | 10.6 |  |
     """
     lines = [
-        "| fault | heartbeat_timeout (s) | all processes gone after (s) | first step after the restart (s) |",
-        "|---|---|---|---|",
+        "| fault | heartbeat_timeout (s) | lost worker reported after (s) | all processes gone after (s) "
+        "| first step after the restart (s) |",
+        "|---|---|---|---|---|",
     ]
     for path in paths:
         for row in json.loads(Path(path).read_text()):
-            gone, restarted = row.get("all_gone_s", ""), row.get("first_step_after_restart_s", "")
-            lines.append(f"| {row['case']} | {row['heartbeat_timeout_s']} | {gone} | {restarted} |")
+            detected, gone, restarted = (
+                "" if row.get(k) is None else row[k] for k in ("detected_s", "all_gone_s", "first_step_after_restart_s")
+            )
+            lines.append(f"| {row['case']} | {row['heartbeat_timeout_s']} | {detected} | {gone} | {restarted} |")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ class Outcome:
     log: str
     gone_at: float  # time.time() when no process of the session was left
     leftovers: list[int]  # pids still alive (then killed) after the deadline
+    first_error_at: float | None = None  # time.time() when a PeerLostError first showed in the log (to 0.1 s)
 
 
 def session_pids(sid: int) -> list[int]:
@@ -53,10 +54,16 @@ def launch(module: str, cfg: dict, deadline: float = 240, launcher: tuple[str, .
             start_new_session=True,
         )
         end = time.time() + deadline
-        try:
-            returncode = proc.wait(timeout=deadline)
-        except subprocess.TimeoutExpired:
-            returncode = -999
+        first_error_at = None
+        returncode = -999
+        while time.time() < end:  # watch the log while waiting: when the first worker reported a lost peer
+            if first_error_at is None and "PeerLostError" in log.read_text(errors="replace"):
+                first_error_at = time.time()
+            code = proc.poll()
+            if code is not None:
+                returncode = code
+                break
+            time.sleep(0.1)
         while session_pids(proc.pid) and time.time() < end:
             time.sleep(0.2)
         gone_at = time.time()
@@ -64,4 +71,4 @@ def launch(module: str, cfg: dict, deadline: float = 240, launcher: tuple[str, .
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-    return Outcome(returncode, log.read_text(), gone_at, leftovers)
+    return Outcome(returncode, log.read_text(), gone_at, leftovers, first_error_at)

@@ -72,7 +72,9 @@ def _restart(
     for name, value in uninterrupted["state"].items():
         assert torch.equal(result["state"][name], value), name
     restarted_s = result["first_step_at"] - fault["t"]
-    _MEASURED.append({"case": case, "heartbeat_timeout_s": HEARTBEAT_S,
+    # when a survivor reported the lost worker (None: none printed one before the agent stopped them all)
+    detected_s = None if outcome.first_error_at is None else round(outcome.first_error_at - fault["t"], 1)
+    _MEASURED.append({"case": case, "heartbeat_timeout_s": HEARTBEAT_S, "detected_s": detected_s,
                       "first_step_after_restart_s": round(restarted_s, 1)})  # fmt: skip
     target = os.environ.get("RESTART_JSON")
     if target:
