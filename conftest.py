@@ -12,34 +12,37 @@ from __future__ import annotations
 import multiprocessing.process
 import os
 import subprocess
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 FAST = os.environ.get("LIGHTNING_CMP_FAST") == "1"
 _REASON = "starts a process: left out of the fast tier (scripts/test.sh --fast); the full suite runs it"
-_in_test = False
+_inside = False  # in a test's set-up (its fixtures) or call
+
+
+@contextmanager
+def _in_test() -> Iterator[None]:
+    global _inside
+    _inside = True
+    try:
+        yield
+    finally:
+        _inside = False
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    global _in_test
-    _in_test = True
-    try:
+    with _in_test():
         return (yield)
-    finally:
-        _in_test = False
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    global _in_test
-    _in_test = True
-    try:
+    with _in_test():
         return (yield)
-    finally:
-        _in_test = False
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,12 +51,12 @@ def pytest_configure(config: pytest.Config) -> None:
     popen, start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
 
     def no_popen(self: Any, *args: Any, **kwargs: Any) -> None:
-        if _in_test:
+        if _inside:
             pytest.skip(_REASON)
         popen(self, *args, **kwargs)
 
     def no_start(self: Any) -> None:
-        if _in_test:
+        if _inside:
             pytest.skip(_REASON)
         start(self)
 

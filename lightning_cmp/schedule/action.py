@@ -6,10 +6,13 @@ import enum
 import re
 from dataclasses import dataclass
 
-__all__ = ["REPLICA_NAMES", "Action", "Kind"]
+__all__ = ["REPLICA_NAMES", "Action", "Cell", "Kind", "Program"]
 
 #: Replica 0 is "A" (stage s on rank s), replica 1 is "B" (placed in reverse).
 REPLICA_NAMES = "AB"
+
+#: A place in a timetable or a program: (rank, slot).
+Cell = tuple[int, int]
 
 
 class Kind(enum.Enum):
@@ -100,3 +103,7 @@ class Action:
             return cls(kind)
         peer = int(match["peer"]) if match["peer"] is not None else None
         return cls(kind, REPLICA_NAMES.index(match["replica"]), int(match["stage"]), int(match["mb"]), peer)
+
+
+#: A lowered schedule: rank -> the actions it executes, in order.
+Program = dict[int, list[Action]]

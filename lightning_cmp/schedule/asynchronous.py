@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lightning_cmp.errors import ScheduleError
-from lightning_cmp.schedule.action import Action, Kind
+from lightning_cmp.schedule.action import Action, Kind, Program
 from lightning_cmp.schedule.placement import Placement
 from lightning_cmp.schedule.render import _grid
 from lightning_cmp.schedule.timetable import StageCosts, Timetable, resolve_placement
@@ -55,8 +55,6 @@ __all__ = [
 
 #: The weight policies of the asynchronous schedules.
 WEIGHT_POLICIES = ("current", "stash", "predict")
-
-Program = dict[int, list[Action]]
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,13 @@ step rank 0             rank 1
 
 from __future__ import annotations
 
-from lightning_cmp.schedule.action import Action, Kind
+from lightning_cmp.schedule.action import Action, Kind, Program
 from lightning_cmp.schedule.placement import Placement
 from lightning_cmp.schedule.timetable import Timetable, compute_order
 
-__all__ = ["Program", "lower", "lower_forward_only", "split_phases"]
+__all__ = ["Program", "lower", "lower_forward_only", "output_actions", "split_phases"]
 
 #: rank -> the actions that rank runs, in order.
-Program = dict[int, list[Action]]
 
 
 def _forward(action: Action, placement: Placement) -> list[Action]:
@@ -41,8 +40,9 @@ def _backward(action: Action, placement: Placement) -> list[Action]:
     return [*before, action, *after]
 
 
-def _outputs(placement: Placement, num_microbatches: int) -> list[Action]:
-    """The OUTPUT collectives, in the same canonical order on every rank."""
+def output_actions(placement: Placement, num_microbatches: int) -> list[Action]:
+    """The OUTPUT collectives, in the same canonical order on every rank (lowering appends them; validation
+    expects them)."""
     last = placement.num_stages - 1
     return [Action(Kind.OUTPUT, r, last, m) for r in range(placement.num_replicas) for m in range(num_microbatches)]
 
@@ -72,7 +72,7 @@ def lower_forward_only(timetable: Timetable, placement: Placement, num_microbatc
         >>> [str(a) for a in lower_forward_only(mp(2), Placement(2), 1)[1]]
         ['RECV_ACT.A0.m0<-0', 'F.A1.m0', 'OUTPUT.A1.m0']
     """
-    outputs = _outputs(placement, num_microbatches)
+    outputs = output_actions(placement, num_microbatches)
     program: Program = {}
     for rank in timetable:
         forwards = [a for a in compute_order(timetable, rank) if a.kind is Kind.FORWARD]
@@ -136,7 +136,7 @@ def lower(
             actions += [averages[done_backwards]] if done_backwards in averages else []
             done_backwards += 1
         actions += [Action(Kind.WAIT_AVERAGE)] if average else []
-        program[rank] = actions + _outputs(placement, num_microbatches)
+        program[rank] = actions + output_actions(placement, num_microbatches)
     return program
 
 

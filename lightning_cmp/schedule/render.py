@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from lightning_cmp.schedule.action import Action
+from lightning_cmp.schedule.action import Action, Cell
 
 __all__ = ["render", "render_program"]
-
-Cell = tuple[int, int]
 
 
 def _mark(text: str, marked: bool) -> str:

@@ -24,7 +24,6 @@ from lightning_cmp.schedule.render import render_program
 
 __all__ = ["DEFAULT_COSTS", "Costs", "SimResult", "Span", "simulate"]
 
-Program = Mapping[int, Sequence[Action]]
 _MATCH = {Kind.RECV_ACT: Kind.SEND_ACT, Kind.RECV_GRAD: Kind.SEND_GRAD, Kind.RECV_OUT: Kind.SEND_OUT}
 
 
@@ -77,7 +76,7 @@ class SimResult:
 class _State:
     """Mutable state of one dry run."""
 
-    program: Program
+    program: Mapping[int, Sequence[Action]]
     placement: Placement
     scale: float
     costs: Costs
@@ -177,7 +176,9 @@ def _deadlock(st: _State) -> ScheduleError:
     return ScheduleError(f"deadlock: no rank can progress ({waits})\n{grid}")
 
 
-def simulate(program: Program, placement: Placement, num_microbatches: int, costs: Costs = DEFAULT_COSTS) -> SimResult:
+def simulate(
+    program: Mapping[int, Sequence[Action]], placement: Placement, num_microbatches: int, costs: Costs = DEFAULT_COSTS
+) -> SimResult:
     """Dry-run ``program`` on every rank; raise ``ScheduleError`` with the stuck cells marked on deadlock.
 
     Sends never block (the data arrives ``costs.send`` later); receives wait for it; OUTPUT completes

@@ -6,14 +6,14 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from lightning_cmp.errors import ScheduleError
-from lightning_cmp.schedule.action import Action, Kind
+from lightning_cmp.schedule.action import Action, Cell, Kind
+from lightning_cmp.schedule.lower import output_actions
 from lightning_cmp.schedule.placement import Placement
 from lightning_cmp.schedule.render import render, render_program
 
 __all__ = ["validate"]
 
 Streams = Mapping[int, Sequence[Action | None]]
-Cell = tuple[int, int]
 _PEER_KIND = {Kind.SEND_ACT: Kind.RECV_ACT, Kind.RECV_ACT: Kind.SEND_ACT}
 _PEER_KIND |= {Kind.SEND_GRAD: Kind.RECV_GRAD, Kind.RECV_GRAD: Kind.SEND_GRAD}
 
@@ -75,7 +75,7 @@ class _Checker:
                 raise self.fail(f"{self.where(a, rank, i)} runs before {late[0]} (slot {slot[late[0]]})", (rank, i))
 
     def check_program_order(self) -> None:
-        outputs = _outputs(self.placement, self.num_microbatches)
+        outputs = output_actions(self.placement, self.num_microbatches)
         for rank, stream in sorted(self.streams.items()):
             done: set[Action] = set()
             for i, a in enumerate(stream):
@@ -121,7 +121,7 @@ class _Checker:
     def check_outputs(self) -> None:
         if any(a.kind in (Kind.SEND_OUT, Kind.RECV_OUT) for _, _, a in self.cells):
             return self.check_sent_outputs()
-        expected = _outputs(self.placement, self.num_microbatches)
+        expected = output_actions(self.placement, self.num_microbatches)
         reference: list[Action] | None = None
         for rank, stream in sorted(self.streams.items()):
             found = [(i, a) for i, a in enumerate(stream) if a is not None and a.kind is Kind.OUTPUT]
@@ -171,11 +171,6 @@ def _all_compute(placement: Placement, num_microbatches: int, kinds: list[Kind])
     return [Action(kind, r, s, m) for kind in kinds for r in rs for m in ms for s in ks]
 
 
-def _outputs(placement: Placement, num_microbatches: int) -> list[Action]:
-    last = placement.num_stages - 1
-    return [Action(Kind.OUTPUT, r, last, m) for r in range(placement.num_replicas) for m in range(num_microbatches)]
-
-
 def _link(action: Action, placement: Placement) -> tuple[int, int] | None:
     """(source rank, destination rank) of the tensor a send/receive moves; None past either end."""
     r, s = action.replica, action.stage
@@ -190,7 +185,7 @@ def _slot_predecessors(action: Action, placement: Placement, num_microbatches: i
     if action.kind is Kind.FORWARD:
         return [Action(Kind.FORWARD, r, s - 1, m)] if s > 0 else []
     chain = Action(Kind.BACKWARD, r, s + 1, m) if s < last else Action(Kind.FORWARD, r, last, m)
-    outputs = _outputs(placement, num_microbatches) if barrier else []
+    outputs = output_actions(placement, num_microbatches) if barrier else []
     return [chain, *[Action(Kind.FORWARD, o.replica, last, o.microbatch) for o in outputs]]
 
 
