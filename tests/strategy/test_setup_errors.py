@@ -29,6 +29,20 @@ def test_strategy_names_are_registered_in_pytorch_lightning() -> None:
     assert trainer.strategy.is_distributed
 
 
+def test_pytorch_lightning_users_pass_options_to_their_own_class() -> None:
+    pl = pytest.importorskip("pytorch_lightning")
+    from lightning_cmp.pytorch_lightning import CMPStrategy as PLCMPStrategy
+
+    strategy = PLCMPStrategy(num_stages=2, averaging="parameter", average_every=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
+    assert trainer.strategy is strategy and isinstance(strategy, pl.strategies.ParallelStrategy)
+    assert (strategy.num_stages, strategy.averaging, strategy.average_every) == (2, "parameter", 4)
+    # the twin runs strategy.py's own lines: tracebacks and coverage point there
+    assert PLCMPStrategy.__init__.__code__.co_filename == lightning_cmp.strategy.__file__
+    with pytest.raises(CMPConfigError, match="unknown averaging 'bogus'"):
+        PLCMPStrategy(averaging="bogus")
+
+
 def test_one_device_is_refused_at_construction() -> None:
     with pytest.raises(CMPConfigError, match=r"the Trainer has 1 .*use devices=2 or more"):
         L.Trainer(accelerator="cpu", devices=1, strategy="cmp")
