@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -46,15 +45,15 @@ from lightning_cmp.errors import CMPConfigError, unknown_name
 from lightning_cmp.microbatch import MicrobatchLoss
 from lightning_cmp.partition import Chain, trace_chain
 from lightning_cmp.partition.materialize import materialize
-from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline
+from lightning_cmp.runtime import AVERAGING, Comm, OptimizerLayout, Pipeline, process
 from lightning_cmp.runtime.asynchronous import AsyncPipeline
 from lightning_cmp.runtime.comm import peers_lost
 from lightning_cmp.runtime.groups import DataGroups
 from lightning_cmp.runtime.heartbeat import EXIT_CODE as HEARTBEAT_EXIT_CODE
-from lightning_cmp.runtime.heartbeat import Heartbeat
 from lightning_cmp.runtime.liveness import stop_processes, this_process
 from lightning_cmp.runtime.memory import WorkerBytes, worker_bytes
 from lightning_cmp.runtime.plan import PARTITIONS, Partition, check_partition, plan_partition
+from lightning_cmp.runtime.process import STARTUP_TIMEOUT
 from lightning_cmp.runtime.scaler import agree_on_overflow
 from lightning_cmp.runtime.state import fill, find_tensor
 from lightning_cmp.runtime.stream import serve, write_streamed
@@ -72,34 +71,9 @@ DEFAULT_TIMEOUT = timedelta(seconds=120)
 DEFAULT_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 # The rendezvous waits for the slowest worker to start (import torch, or be scheduled on another node), which is
 # not a hang: it gets at least this long whatever ``timeout`` is, and the group's timeout is set after it.
-STARTUP_TIMEOUT = timedelta(seconds=120)
-
-# Whether this process created the default process group, and whether a run in it failed.
-_exit_state: dict[str, Any] = {"registered": False, "failed": False, "heartbeat": None}
-
 
 #: Optimizer steps between two checks that the copies of every stage are still identical (and at the end of fit).
 CHECK_COPIES_EVERY = 50
-
-
-def _set_group_timeout(timeout: timedelta) -> None:
-    """Set the default process group's timeout for every later call.
-
-    ``dist.set_timeout`` is public in recent torch (2.14 is tested); an older release without it is tried with
-    the private ``_set_pg_timeout`` it replaced, and without either the group keeps the start-up timeout.
-    """
-    if hasattr(dist, "set_timeout"):
-        dist.set_timeout(timeout)
-        return
-    try:  # pragma: no cover - older torch
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-    except ImportError:  # pragma: no cover
-        log.warning(
-            f"this torch cannot change a process group's timeout: a hung worker is given up after "
-            f"{STARTUP_TIMEOUT.total_seconds():.0f} s, not the {timeout.total_seconds():.0f} s asked for"
-        )
-        return
-    _set_pg_timeout(timeout)  # pragma: no cover
 
 
 class _RestartingLauncher(_SubprocessScriptLauncher):
@@ -128,38 +102,6 @@ class _RestartingLauncher(_SubprocessScriptLauncher):
             sys.stderr.flush()
             os.execv(sys.executable, command)
         return super().launch(function, *args, trainer=trainer, **kwargs)
-
-
-def _elastic_attempt_store(timeout: timedelta | None) -> dict[str, Any]:
-    """Under torchrun (the agent hosts the store): the store for this attempt only, as ``init_process_group``'s
-    ``store``; elsewhere nothing (Lightning's env:// rendezvous).
-
-    The agent's store outlives a restart (``--max-restarts``), and with it the last attempt's keys: a restarted
-    worker could read a dead worker's gloo address and fail to connect. Every worker of an attempt shares its
-    ``TORCHELASTIC_RESTART_COUNT``, so prefixing the keys with it gives each attempt a clean namespace.
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True) or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
-        return {}
-    if dist.is_initialized():
-        return {}
-    client = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=timeout or STARTUP_TIMEOUT,
-    )
-    return {"store": dist.PrefixStore(f"lightning_cmp/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", client)}
-
-
-def _destroy_process_group_at_exit() -> None:
-    """Destroy the process group this process created, while the interpreter is still whole.
-
-    Left to interpreter finalization, gloo's worker threads can outlive Python and abort the process
-    ("terminate called without an active exception", exit status -6) after a successful run. After a
-    failure it is left alone: tearing down a group whose peer is hung could itself hang.
-    """
-    if not _exit_state["failed"] and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class CMPStrategy(ParallelStrategy):
@@ -487,12 +429,13 @@ class CMPStrategy(ParallelStrategy):
         self._process_group_backend = backend
         created = not dist.is_initialized()
         startup = None if self._timeout is None else max(self._timeout, STARTUP_TIMEOUT)
-        _init_dist_connection(self.cluster_environment, backend, timeout=startup, **_elastic_attempt_store(startup))
+        _init_dist_connection(
+            self.cluster_environment, backend, timeout=startup, **process.elastic_attempt_store(startup)
+        )
         if created and self._timeout is not None and self._timeout < STARTUP_TIMEOUT:
-            _set_group_timeout(self._timeout)
-        if created and not _exit_state["registered"]:
-            _exit_state["registered"] = True
-            atexit.register(_destroy_process_group_at_exit)
+            process.set_group_timeout(self._timeout)
+        if created:
+            process.register_exit_cleanup()
         # From here on every collective, Lightning's included, names the rank that died or hung.
         self._comm = Comm.world(self.global_rank, self.root_device)
         self._watch_heartbeats(True)
@@ -509,26 +452,20 @@ class CMPStrategy(ParallelStrategy):
         while this Trainer runs (``on``), or stop watching (its run is over: the others may be finishing)."""
         if self._heartbeat_timeout is None or self.world_size < 2:
             return
-        heartbeat = _exit_state["heartbeat"]
-        if heartbeat is None and on:
-            assert self._comm is not None
-            heartbeat = Heartbeat.connect(
-                self.global_rank,
-                list(range(self.world_size)),
-                self._comm.processes,
-                self._heartbeat_timeout,
-                on_lost=self._on_heartbeat_lost,
-            )
-            _exit_state["heartbeat"] = heartbeat
-            atexit.register(heartbeat.stop)  # a clean exit is never taken for a fault
-        if heartbeat is not None:
-            heartbeat.watch(on)
+        process.watch_heartbeats(
+            on,
+            self.global_rank,
+            self.world_size,
+            self._comm.processes if self._comm is not None else {},
+            self._heartbeat_timeout,
+            self._on_heartbeat_lost,
+        )
 
     def _on_heartbeat_lost(self, rank: int, message: str) -> None:
         """In the heartbeat thread: report, stop the workers this process launched (a stopped one would outlive
         the job), and end this process (its main thread may wait in a collective until ``timeout``)."""
         print(f"[rank {self.global_rank}] PeerLostError: {message}", file=sys.stderr, flush=True)
-        _exit_state["failed"] = True
+        process.mark_failed()
         if isinstance(self._launcher, _SubprocessScriptLauncher):
             stop_processes(self._launcher.procs, grace_s=0.0)
         assert self._comm is not None
@@ -1131,7 +1068,7 @@ class CMPStrategy(ParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
-        _exit_state["failed"] = True
+        process.mark_failed()
         # Peers lost (dead or hung): workers this process started may never exit on their own.
         self._peers_lost = peers_lost(exception)
         if self._peers_lost:  # now: Lightning's process observer may kill this process before it prints

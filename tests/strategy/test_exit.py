@@ -11,11 +11,12 @@ from tests.helpers.python import run_python
 SCRIPT = """
 import sys
 import torch.distributed as dist
-from lightning_cmp import strategy
+from lightning_cmp.runtime import process
 
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
-strategy._exit_state["failed"] = sys.argv[2] == "failed"
-strategy._destroy_process_group_at_exit()
+if sys.argv[2] == "failed":
+    process.mark_failed()
+process.destroy_process_group_at_exit()
 print("initialized" if dist.is_initialized() else "destroyed")
 """
 
