@@ -115,8 +115,13 @@ def watch_heartbeats(
     finishing, the store's host with them)."""
     heartbeat = _state["heartbeat"]
     if heartbeat is None and on:
-        heartbeat = Heartbeat.connect(rank, list(range(world_size)), processes, timeout, on_lost=on_lost)
+        try:
+            heartbeat = Heartbeat.connect(rank, list(range(world_size)), processes, timeout, on_lost=on_lost)
+        except RuntimeError as err:  # a process group made by the user on a store that is not TCP (file://)
+            log.warning("lightning_cmp: heartbeats are off (%s); a hung worker is found after `timeout`", err)
+            _state["heartbeat"] = False
+            return
         _state["heartbeat"] = heartbeat
         atexit.register(heartbeat.stop)  # a clean exit is never taken for a fault
-    if heartbeat is not None:
+    if heartbeat:
         heartbeat.watch(on)

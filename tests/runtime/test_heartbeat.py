@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 
+from lightning_cmp.runtime import process
 from lightning_cmp.runtime.heartbeat import Heartbeat
 
 TIMEOUT = timedelta(seconds=0.6)
@@ -79,3 +82,17 @@ def test_a_worker_that_stops_cleanly_or_is_not_watched_is_not_declared_lost() ->
     time.sleep(TIMEOUT.total_seconds() + 4 * INTERVAL)
     assert [r for _, r, _ in lost] == [1]
     c.stop()
+
+
+def test_without_a_tcp_store_heartbeats_turn_off_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a process group the user made on a file store: the set-up goes on, without heartbeats
+    monkeypatch.setattr(process, "_state", {"registered": True, "failed": False, "heartbeat": None})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        process.watch_heartbeats(True, 0, 2, {}, TIMEOUT, lambda rank, message: None)
+    finally:
+        dist.destroy_process_group()
+    assert process._state["heartbeat"] is False
+    assert "heartbeats are off" in caplog.text
