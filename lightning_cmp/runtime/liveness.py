@@ -43,7 +43,10 @@ def blame(me: int, peers: Sequence[int], processes: Processes) -> list[int]:
         if gone or time.monotonic() > deadline:
             break
         time.sleep(0.05)  # a killed process closes its sockets a moment before it shows as exited
-    suspects = gone or list(peers)
+    # A stopped process (SIGSTOP, a debugger) is the cause; one that exited may be a survivor that ended itself
+    # on seeing it (a heartbeat), taking the job's store and its note with it.
+    stopped = [r for r in gone if _state(processes[r][1]) in ("T", "t")]
+    suspects = stopped or gone or list(peers)
     if len(suspects) == 1:
         _write_note(suspects[0])
     return suspects
@@ -51,10 +54,8 @@ def blame(me: int, peers: Sequence[int], processes: Processes) -> list[int]:
 
 def is_running(pid: int) -> bool:
     """False when ``pid`` has exited, is a zombie or is stopped (SIGSTOP, a debugger): it will not answer."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # no /proc (macOS, Windows): fall back to a signal-0 probe
+    state = _state(pid)
+    if state is None:  # no /proc (macOS, Windows): fall back to a signal-0 probe
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -62,7 +63,18 @@ def is_running(pid: int) -> bool:
         except OSError:
             return True
         return True
-    return state not in ("Z", "X", "T", "t")
+    return state not in ("Z", "X", "T", "t", "")
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from ``/proc`` ("" when it has exited), or None without ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "" if os.path.isdir("/proc/self") else None
+    except (OSError, IndexError):
+        return None
 
 
 def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 10.0) -> list[int]:

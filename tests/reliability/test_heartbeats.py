@@ -79,7 +79,9 @@ def test_a_stopped_worker_ends_every_worker_within_the_heartbeat_timeout(
     assert errors, log[-3000:]
     for r, error in errors.items():  # a survivor whose collective broke first names the same rank (the store note)
         assert r != rank and error.startswith(f"PeerLostError: rank {rank} "), (r, error)
-    assert any("stopped answering heartbeats" in error for error in errors.values()), errors
+    # Which survivor's report reaches the log first is a race (one that saw the heartbeats stop ends itself, and the
+    # others' collectives then break on it); that the job ended long before the 120 s collective timeout is what
+    # shows the heartbeats at work.
     assert EARLIEST_S <= exit_s < BOUND_S, log[-3000:]
     label = f"K=3, rank {rank} stopped" if devices == 3 else f"K=2 x D=2, rank {rank} stopped"
     assert EARLIEST_S <= detected_s <= exit_s
