@@ -468,8 +468,7 @@ class CMPStrategy(ParallelStrategy):
         process.mark_failed()
         if isinstance(self._launcher, _SubprocessScriptLauncher):
             stop_processes(self._launcher.procs, grace_s=0.0)
-        assert self._comm is not None
-        host, pid = self._comm.processes.get(rank, ("", 0))
+        host, pid = self._comm.processes.get(rank, ("", 0)) if self._comm is not None else ("", 0)
         if pid and host == this_process()[0]:  # a stopped worker would outlive the job (and a restart's wait)
             with contextlib.suppress(OSError):
                 os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
