@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 from lightning_cmp.errors import CMPConfigError
 from lightning_cmp.runtime.comm import Comm
 from lightning_cmp.runtime.stage import StageCopy
+from lightning_cmp.runtime.state import find_tensor
 
 __all__ = ["Shards"]
 
@@ -191,7 +192,8 @@ class Shards:
                 if hit:
                     self._hooks.append(module.register_forward_pre_hook(_waiter(entry, sorted(hit))))
             elif node.op == "get_attr":
-                hit = {bucket_of[id(p)] for p in [_attr(stage_copy.module, node.target)] if id(p) in bucket_of} - seen
+                read = find_tensor(stage_copy.module, str(node.target))
+                hit = ({bucket_of[id(read)]} if id(read) in bucket_of else set()) - seen
                 at_start |= hit
             else:
                 continue
@@ -393,12 +395,6 @@ def _waiter(entry: _Copy, indices: list[int]) -> Callable[..., None]:
             _wait_bucket(entry, index)
 
     return hook
-
-
-def _attr(module: nn.Module, target: str) -> Any:
-    for name in target.split("."):
-        module = getattr(module, name)
-    return module
 
 
 def _slice_state(states: list[dict[str, Any] | None], bucket: _Bucket, me: int) -> dict[str, Any] | None:
