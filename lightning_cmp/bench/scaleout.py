@@ -39,10 +39,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_cmp.bench.__main__ import machine
 from lightning_cmp.bench.launch import run_workers
 from lightning_cmp.bench.methods import plain_step
 from lightning_cmp.bench.models import build, make_batches
-from lightning_cmp.bench.project import block_costs, optimizer_seconds_per_byte, param_bytes, send_seconds
+from lightning_cmp.bench.project import (
+    activation_bytes,
+    block_costs,
+    optimizer_seconds_per_byte,
+    param_bytes,
+    send_seconds,
+)
 from lightning_cmp.bench.report import save_figure, write_json
 from lightning_cmp.partition import resolve_cuts, stage_pass_costs, trace_chain
 from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
@@ -571,18 +578,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _machine() -> dict[str, Any]:
-    import platform
-
-    return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads_per_worker": 1,
-        "note": "4-worker rows run 4 processes on these cores (oversubscribed when cpus < 4): compare ratios",
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     record: dict[str, Any]
@@ -597,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     record = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "trainer_run")},
-        "machine": _machine(),
+        "machine": {**machine(), "note": "4-worker rows run 4 processes on these cores: compare ratios"},
         "raw": [],
         "trainer": [],
     }
@@ -648,25 +643,19 @@ def _projection(args: argparse.Namespace) -> dict[str, Any]:
     chain = trace_chain(model)
     per_worker = max(1, args.batch_size // 2)  # the measured runs' batch per worker at D = 2, kept fixed (weak)
     x = make_batches(1, per_worker, args.size)[0][0]
-    costs = block_costs(chain, x, [per_worker, per_worker // 2])
-    forward, backward = [f for f, _ in costs[per_worker]], [b for _, b in costs[per_worker]]
+    costs = block_costs(chain, x, [per_worker])[per_worker]
+    forward, backward = [f for f, _ in costs], [b for _, b in costs]
     params = param_bytes(chain)
     step_per_byte = optimizer_seconds_per_byte(model)
-    from lightning_cmp.bench.project import activation_bytes
-
+    # a cmp pipeline of 2 workers takes 2 x per_worker rows, per_worker per replica: the same per-block costs
     acts = activation_bytes(chain, make_batches(1, 2 * per_worker, args.size)[0][0])
-    k2 = costs[per_worker]  # a cmp pipeline of 2 workers takes 2 x per_worker rows, per_worker per replica
     rows = []
     for p in args.workers:
         t = project_data_parallel(forward, backward, params, step_per_byte, p, alpha, beta)
         row = {"workers": p, **{k: round(v, 5) for k, v in t.items()}}
         if p >= 2 and p % 2 == 0:
-            row["cmp_k2"] = round(
-                _project_cmp_groups(
-                    [f for f, _ in k2], [b for _, b in k2], params, acts, step_per_byte, p // 2, alpha, beta
-                ),
-                5,
-            )
+            cmp = _project_cmp_groups(forward, backward, params, acts, step_per_byte, p // 2, alpha, beta)
+            row["cmp_k2"] = round(cmp, 5)
         rows.append(row)
     return {
         "alpha_s": alpha,
