@@ -72,3 +72,12 @@ def launch(module: str, cfg: dict, deadline: float = 240, launcher: tuple[str, .
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
     return Outcome(returncode, log.read_text(), gone_at, leftovers, first_error_at)
+
+
+def record(rows: list[dict], row: dict, env: str) -> None:
+    """Add ``row`` to a test module's measured ``rows`` and, when the environment variable ``env`` names a file,
+    write them all there (the docs' tables are rendered from those files)."""
+    rows.append(row)
+    target = os.environ.get(env)
+    if target:
+        Path(target).write_text(json.dumps(rows, indent=2))

@@ -4,13 +4,12 @@ and a busy one (a 60 s step) is never declared lost. The measured times go to ``
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
 
-from tests.reliability.launch import launch
+from tests.reliability.launch import launch, record
 
 HEARTBEAT_S = 10
 BOUND_S = HEARTBEAT_S + 15
@@ -32,17 +31,8 @@ def _run(tmp_path: Path, devices: int, runs: list[dict], **extra: object) -> tup
 
 
 def _record(case: str, exit_s: float, detected_s: float, errors: dict[int, str]) -> None:
-    _MEASURED.append(
-        {
-            "case": case,
-            "heartbeat_timeout_s": HEARTBEAT_S,
-            "detected_s": round(detected_s, 1),
-            "all_gone_s": round(exit_s, 1),
-        }
-    )
-    target = os.environ.get("HEARTBEAT_JSON")
-    if target:
-        Path(target).write_text(json.dumps(_MEASURED, indent=2))
+    row = {"case": case, "heartbeat_timeout_s": HEARTBEAT_S, "detected_s": round(detected_s, 1)}
+    record(_MEASURED, {**row, "all_gone_s": round(exit_s, 1)}, "HEARTBEAT_JSON")
     print(f"{case}: lost worker reported {detected_s:.1f} s, all processes gone {exit_s:.1f} s after the fault")
 
 

@@ -6,13 +6,12 @@ The measured times go to ``$RESTART_JSON`` if set (for the docs' table)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.reliability.launch import launch
+from tests.reliability.launch import launch, record
 
 HEARTBEAT_S = 10
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1")
@@ -74,9 +73,6 @@ def _restart(
     restarted_s = result["first_step_at"] - fault["t"]
     # when a survivor reported the lost worker (None: none printed one before the agent stopped them all)
     detected_s = None if outcome.first_error_at is None else round(outcome.first_error_at - fault["t"], 1)
-    _MEASURED.append({"case": case, "heartbeat_timeout_s": HEARTBEAT_S, "detected_s": detected_s,
-                      "first_step_after_restart_s": round(restarted_s, 1)})  # fmt: skip
-    target = os.environ.get("RESTART_JSON")
-    if target:
-        Path(target).write_text(json.dumps(_MEASURED, indent=2))
+    row = {"case": case, "heartbeat_timeout_s": HEARTBEAT_S, "detected_s": detected_s}
+    record(_MEASURED, {**row, "first_step_after_restart_s": round(restarted_s, 1)}, "RESTART_JSON")
     print(f"{case}: first step of the restarted job {restarted_s:.1f} s after the fault")
