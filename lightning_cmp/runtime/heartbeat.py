@@ -124,6 +124,7 @@ class Heartbeat:
     def _run(self) -> None:
         now = time.monotonic()
         seen = {r: (-1, now) for r in self.others}  # last counter read and when it last moved
+        present: list[int] = []  # the ranks whose counter exists (a key, once there, stays)
         store_ok = now
         while not self._stop.wait(self.interval):
             now = time.monotonic()
@@ -134,7 +135,8 @@ class Heartbeat:
             try:
                 self.store.add(f"beat/{self.rank}", 1)
                 self.beats += 1
-                present = [r for r in self.others if self.store.check([f"beat/{r}"])]
+                if len(present) < len(self.others):
+                    present = [r for r in self.others if r in present or self.store.check([f"beat/{r}"])]
                 values = self.store.multi_get([f"beat/{r}" for r in present]) if present else []
                 store_ok = now
                 self.busy_s += time.monotonic() - now
