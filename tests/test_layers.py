@@ -28,8 +28,9 @@ LIGHTNING_ALLOWED = (
     "bench/memory_run.py",
     # The GPU smoke test's last check fits through the Trainer (one worker per GPU), as a user's script does.
     "bench/gpu_smoke.py",
-    # The scale-out benchmark's Trainer rows compare Lightning's ddp with our strategies, as a user would.
-    "bench/scaleout.py",
+    # The benchmarks' Trainer rows (scale-out and the others) compare Lightning's ddp with our strategies, as a user
+    # would: the Trainer-level timing harness.
+    "bench/trainer.py",
 )
 TORCH = {"torch", "torchvision", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics"}
 LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}

@@ -9,7 +9,7 @@ Side by side in one run, each method in fresh worker processes (1 thread each), 
   ``(n-1)/n B``), the time the step spent blocked on averaging, the same collectives' time alone (replayed with
   nothing else running) and so the **overlap fraction** ``1 - blocked / alone``, and the optimizer-state bytes.
 * **trainer**: the same comparisons through ``L.Trainer`` (Lightning's ``ddp`` with ``gradient_as_bucket_view``,
-  ``strategy="sharded_dp"``, ``CMPStrategy(num_stages=2)``), timed per step by a callback.
+  ``strategy="sharded_dp"``, ``CMPStrategy(num_stages=2)``), timed per step by `lightning_cmp.bench.trainer`.
 * **projection**: an alpha-beta network model (``t = alpha + beta * bytes``, fitted to measured loopback messages)
   and the measured per-layer compute give the step time of pure data parallelism (no overlap, the plain overlapped
   all-reduce, Lee et al.'s form) at 8...1024 workers with a fixed batch per worker, and the schedule simulator gives
@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +47,7 @@ from lightning_cmp.bench.project import (
     send_seconds,
 )
 from lightning_cmp.bench.report import save_figure, write_json
+from lightning_cmp.bench.trainer import METHODS, TrainerMethod, run_trainer, summarize_trainer
 from lightning_cmp.partition import resolve_cuts, stage_pass_costs, trace_chain
 from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.groups import DataGroups
@@ -346,93 +343,8 @@ def summarize_raw(
     }
 
 
-# -- through the Trainer --------------------------------------------------------------------------------------------
-TRAINER: dict[str, tuple[int, str]] = {
-    "ddp2": (2, "Lightning ddp, 2 workers (gradient_as_bucket_view)"),
-    "sharded_dp2": (2, 'strategy="sharded_dp", 2 workers'),
-    "ddp4": (4, "Lightning ddp, 4 workers (gradient_as_bucket_view)"),
-    "cmp2x2": (4, "CMPStrategy(num_stages=2), 4 workers (D=2)"),
-    "cmp2x2_sharded": (4, 'CMPStrategy(num_stages=2, averaging="sharded"), 4 workers'),
-}
-
-
-def _trainer_main(config: dict[str, Any]) -> None:
-    """One Trainer run (Lightning re-runs this command for the other ranks); rank 0 writes the step times."""
-    import lightning as L
-    from lightning.pytorch.strategies import DDPStrategy
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from lightning_cmp import CMPStrategy
-
-    torch.set_num_threads(1)
-    name, model_name, batch_size, size, steps = (config[k] for k in ("method", "model", "batch_size", "size", "steps"))
-    workers, _ = TRAINER[name]
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = build(model_name, size)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-            x, y = batch
-            return F.cross_entropy(self(x), y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-    class Clock(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self.times.append(time.perf_counter())
-
-    strategy: Any
-    if name.startswith("ddp"):
-        strategy, per_loader = DDPStrategy(gradient_as_bucket_view=True), batch_size // workers
-    elif name == "sharded_dp2":
-        strategy, per_loader = "sharded_dp", batch_size // workers
-    else:
-        averaging = "sharded" if name.endswith("sharded") else "gradient"
-        strategy, per_loader = CMPStrategy(num_stages=2, averaging=averaging), batch_size // (workers // 2)
-    count = (steps + 4) * batch_size
-    g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(count, 3, size, size, generator=g), torch.randint(0, 10, (count,), generator=g))
-    clock = Clock()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=workers,
-        strategy=strategy,
-        max_steps=steps + 3,
-        callbacks=[clock],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(Module(), DataLoader(dataset, batch_size=per_loader, shuffle=False))
-    if trainer.global_rank == 0:
-        step_s = [b - a for a, b in pairwise(clock.times)][2:]  # two warm-up steps left out
-        Path(config["out"]).write_text(json.dumps({"step_s": step_s}))
-
-
-def run_trainer(name: str, model: str, batch_size: int, size: int, steps: int, timeout: float = 600) -> list[float]:
-    """Seconds per step (after warm-up) of one Trainer run in fresh processes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "steps.json"
-        config = {"method": name, "model": model, "batch_size": batch_size, "size": size, "steps": steps}
-        config["out"] = str(out)
-        command = [sys.executable, "-m", "lightning_cmp.bench.scaleout", "--trainer-run", json.dumps(config)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        done = subprocess.run(command, cwd=tmp, env=env, timeout=timeout, capture_output=True, text=True)
-        if done.returncode != 0 or not out.exists():
-            raise RuntimeError(f"{name}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return list(json.loads(out.read_text())["step_s"])
+# -- through the Trainer: `lightning_cmp.bench.trainer`'s methods of these names ---------------------------------
+TRAINER: dict[str, TrainerMethod] = {n: METHODS[n] for n in ("ddp2", "sharded_dp2", "ddp4", "cmp2x2", "cmp2x2_sharded")}
 
 
 # -- projection -----------------------------------------------------------------------------------------------------
@@ -568,7 +480,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--quick", action="store_true", help="tiny model, 1 step x 2 repeats, no Trainer rows (CI)")
     p.add_argument("--replot", type=Path, help="only redraw the figure from this JSON into --out")
-    p.add_argument("--trainer-run", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.steps, args.repeats, args.size, args.batch_size = "tiny", 1, 2, 16, 16
@@ -581,9 +492,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     record: dict[str, Any]
-    if args.trainer_run:
-        _trainer_main(json.loads(args.trainer_run))
-        return {}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.replot:
         record = json.loads(args.replot.read_text())
@@ -591,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return record
     torch.set_num_threads(1)
     record = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "trainer_run")},
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {**machine(), "note": "4-worker rows run 4 processes on these cores: compare ratios"},
         "raw": [],
         "trainer": [],
@@ -615,19 +523,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for (name, bucket_mib), done in launches.items():
         row = summarize_raw(name, merge_launches(done), args.steps, args.batch_size, bucket_mib)
         record["raw"].append(row)
+    trainer_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.trainer}
     for repeat in range(args.repeats if args.trainer else 0):
         for name in args.trainer:  # repeats interleaved: the machine's drift hits every method alike
-            step_s = run_trainer(name, args.model, args.batch_size, args.size, args.trainer_steps)
-            found = [r for r in record["trainer"] if r["method"] == name]
-            row = found[0] if found else {"method": name, "label": TRAINER[name][1], "workers": TRAINER[name][0]}
-            if not found:
-                record["trainer"].append(row)
-            row.setdefault("step_s_repeats", [])
-            row["step_s_repeats"].append(statistics.median(step_s))
-            print(f"trainer {name} repeat {repeat}: {statistics.median(step_s):.3f} s/step", flush=True)
-    for row in record["trainer"]:
-        row["samples_per_s"] = args.batch_size / statistics.median(row["step_s_repeats"])
-        row["samples_per_s_repeats"] = [args.batch_size / s for s in row["step_s_repeats"]]
+            run = run_trainer(name, args.model, args.batch_size, args.size, args.trainer_steps)
+            trainer_runs[name].append(run)
+            print(f"trainer {name} repeat {repeat}: {statistics.median(run['step_s']):.3f} s/step", flush=True)
+    for name, measured in trainer_runs.items():
+        if measured:
+            row = {"method": name, "label": TRAINER[name].label, "workers": TRAINER[name].workers}
+            record["trainer"].append(row | summarize_trainer(measured, args.batch_size))
     record["projection"] = _projection(args)
     print(table(record))
     write_json(record, args.out / "scaleout.json")
