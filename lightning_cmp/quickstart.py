@@ -11,7 +11,9 @@ import time
 from collections.abc import Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import Strategy
+from typing_extensions import override
 
 import lightning_cmp  # registers the "cmp" and "mp" strategies
 from lightning_cmp.callbacks import SamplesPerSecond
@@ -38,6 +40,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="batch per step (per process for ddp)")
     p.add_argument("--limit-train", type=int, default=20000, help="first N training images (0: all 55000)")
     p.add_argument("--limit-eval", type=int, default=0, help="first N validation/test images (0: all)")
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=0,
+        help="validate every N training steps, counted across epochs (0: each epoch)",
+    )
     p.add_argument("--data-dir", default=None, help="directory with the *-ubyte.gz files (default: Debian's)")
     p.add_argument("--arch", default="resnet18", help="torchvision classifier")
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 ResNet stem (16x the compute)")
@@ -48,6 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--num-stages applies to --strategy {' or '.join(_PIPELINE_STRATEGIES)}, not {args.strategy!r}")
     if (args.averaging, args.average_every) != ("gradient", 1) and args.strategy != "cmp":
         p.error(f"--averaging/--average-every apply to --strategy cmp, not {args.strategy!r}")
+    if args.val_every < 0:
+        p.error(f"--val-every {args.val_every}: give a number of training steps, or 0 to validate after each epoch")
     return args
 
 
@@ -80,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         devices=args.devices,
         strategy=make_strategy(args.strategy, args.num_stages, args.averaging, args.average_every),
         max_epochs=args.epochs,
+        # an int interval counts training batches; without an epoch period it counts them across epochs
+        **({"val_check_interval": args.val_every, "check_val_every_n_epoch": None} if args.val_every else {}),
         callbacks=[speed, curve],
         enable_progress_bar=True,
         enable_checkpointing=False,
@@ -91,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = trainer.test(model, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:
         print(f"strategy: {args.strategy}, devices: {args.devices}, arch: {args.arch}")
+        print(f"threads per process: {torch.get_num_threads()}")
         print(f"test accuracy: {results[0]['test_acc']:.4f}")
         rate = speed.samples_per_second
         print(f"training throughput: {rate:.1f} samples/s" if rate else "training throughput: n/a (too few batches)")
@@ -98,21 +111,39 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 class _ValidationCurve(L.Callback):
-    """Prints the validation accuracy after every epoch with the seconds since fit started (rank 0): the points of
-    an accuracy-vs-wall-time curve (`lightning_cmp.bench.accuracy` reads them)."""
+    """Prints the validation accuracy after every validation with the training step, the seconds since fit started
+    and how many of them went to validation (rank 0): the points of an accuracy-vs-wall-time curve
+    (`lightning_cmp.bench.accuracy` reads them)."""
 
     def __init__(self) -> None:
         self.start = 0.0
+        self.validating = 0.0  # seconds spent in finished validation loops (the sanity check included)
+        self.val_start = 0.0
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.perf_counter()
 
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.val_start = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validating += time.perf_counter() - self.val_start
+
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         acc = trainer.callback_metrics.get("val_acc")
         if trainer.sanity_checking or acc is None or not trainer.is_global_zero:
             return
-        elapsed = time.perf_counter() - self.start
-        print(f"val accuracy after epoch {trainer.current_epoch + 1}: {float(acc):.4f} at {elapsed:.1f} s", flush=True)
+        now = time.perf_counter()
+        elapsed, validating = now - self.start, self.validating + now - self.val_start
+        print(
+            f"val accuracy after step {trainer.global_step} (epoch {trainer.current_epoch + 1}): {float(acc):.4f} "
+            f"at {elapsed:.1f} s ({validating:.1f} s validating)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def test_main_job_trains_with_cmp_and_prints_accuracy_and_throughput(tmp_path: P
     proc = run_python(
         "-m", "lightning_cmp.quickstart", "--data-dir", str(tmp_path),
         "--strategy", "cmp", "--devices", "2", "--epochs", "1",
-        "--batch-size", "16", "--limit-train", "96", "--limit-eval", "32",
+        "--batch-size", "16", "--limit-train", "96", "--limit-eval", "32", "--val-every", "3",
         timeout=240,
     )  # fmt: skip
     assert "strategy: cmp, devices: 2, arch: resnet18" in proc.stdout
@@ -31,3 +31,15 @@ def test_main_job_trains_with_cmp_and_prints_accuracy_and_throughput(tmp_path: P
     # 6 steps with 5 of warm-up leave one timed step: a rate, not "n/a".
     assert re.search(r"training throughput: [0-9.]+ samples/s", proc.stdout), proc.stdout
     assert "Epoch 0" in proc.stderr + proc.stdout  # Lightning's progress bar ran
+    # 6 steps, validated every 3: the points of lightning_cmp.bench.accuracy's time-to-accuracy curve
+    assert re.findall(r"val accuracy after step (\d+) \(epoch 1\): [0-9.]+ at [0-9.]+ s", proc.stdout) == ["3", "6"]
+    assert "threads per process: 1" in proc.stdout
+
+
+def test_val_every_is_a_number_of_steps_and_off_by_default() -> None:
+    from lightning_cmp.quickstart import parse_args
+
+    assert parse_args([]).val_every == 0  # validate after each epoch, as before
+    assert parse_args(["--val-every", "86"]).val_every == 86
+    with pytest.raises(SystemExit):
+        parse_args(["--val-every", "-1"])

@@ -65,8 +65,8 @@ from lightning_cmp.partition import (
 from lightning_cmp.schedule import get_schedule
 
 __all__ = [
-    "POLICIES", "SIMULATED", "main", "model_report", "most_gained", "partitions", "plot", "split_blocks", "summarize",
-    "sweep_table", "tables", "tables_from_json",
+    "POLICIES", "SIMULATED", "main", "model_report", "most_gained", "partitions", "plot", "plot_cuts", "plot_imbalance",
+    "split_blocks", "summarize", "sweep_table", "tables", "tables_from_json",
 ]  # fmt: skip
 
 POLICIES = ("uniform", "balanced", "bipartition", "bipartition_unrestricted")
@@ -392,8 +392,13 @@ def tables(record: Mapping[str, Any]) -> str:
 
 
 def plot(record: Mapping[str, Any], imbalance_png: Path, cuts_png: Path, cuts_model: str = "vgg16", k: int = 4) -> None:
-    """Imbalance vs K per model (three policies), and the forward and backward cuts of ``cuts_model`` at ``k``
-    (with a second panel for the case Bi-Partition helps most, when that is another one)."""
+    """Both figures: `plot_imbalance` and `plot_cuts`."""
+    plot_imbalance(record, imbalance_png)
+    plot_cuts(record, cuts_png, cuts_model, k)
+
+
+def plot_imbalance(record: Mapping[str, Any], path: Path) -> Path:
+    """Imbalance vs K per model, for the three policies."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,9 +416,19 @@ def plot(record: Mapping[str, Any], imbalance_png: Path, cuts_png: Path, cuts_mo
     axes[0][0].set_ylabel("slowest load / mean")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(imbalance_png, dpi=80)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
-    _plot_cuts(record, cuts_png, cuts_model if cuts_model in models else next(iter(models)), k)
+    return path
+
+
+def plot_cuts(record: Mapping[str, Any], path: Path, model: str = "vgg16", k: int = 4) -> Path:
+    """The forward and backward cuts of ``model`` (the first model if the record lacks it) at ``k``, with a second
+    panel for the case Bi-Partition helps most, when that is another one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    _plot_cuts(record, path, model if model in record["models"] else next(iter(record["models"])), k)
+    return path
 
 
 def most_gained(record: Mapping[str, Any]) -> tuple[str, int]:
