@@ -24,7 +24,8 @@ def peak_rss_mib() -> float:
 
 
 def summarize(per_rank: list[dict[str, Any]], steps: int, batch_size: int) -> dict[str, Any]:
-    """Samples/s (median over repeats, rank 0's clock), peak RSS and idle fraction per worker.
+    """Samples/s and seconds per step (medians over repeats, rank 0's clock), peak RSS, idle fraction and (our
+    schedules) the step's breakdown per worker.
 
     Examples:
         >>> row = summarize([{"seconds": [1.0, 2.0, 1.0], "compute": [], "rss_mib": 300.0}], 4, 8)
@@ -38,6 +39,8 @@ def summarize(per_rank: list[dict[str, Any]], steps: int, batch_size: int) -> di
         "samples_per_s": statistics.median(rate),
         "samples_per_s_repeats": rate,
         "step_s": statistics.median(seconds) / steps,
+        "step_s_repeats": [s / steps for s in seconds],
         "peak_rss_mib": [round(r["rss_mib"], 1) for r in per_rank],
         "idle_fraction": idle,
+        "breakdown_s": [r["breakdown_s"] for r in per_rank] if per_rank[0].get("breakdown_s") else None,
     }

@@ -142,7 +142,8 @@ class StepModel:
 
     ``costs`` maps a microbatch size (rows) to per-block (forward, backward) seconds; ``activations`` and
     ``params`` are per-block bytes (activations for the whole batch); ``send(nbytes)`` is a one-way message
-    time; ``exchange_per_byte`` is ``None`` when mirrors exchange by messages instead of shared memory.
+    time; ``exchange_per_byte`` is ``None`` when mirrors exchange by messages instead of shared memory; ``whole``
+    and ``corun`` calibrate the block costs (`block_costs`).
     """
 
     batch_size: int
@@ -152,9 +153,28 @@ class StepModel:
     send: Callable[[int], float]
     step_per_byte: float
     exchange_per_byte: float | None
+    whole: dict[int, float] | None = None
+    corun: float = 1.0
 
     def rows(self, num_replicas: int, num_microbatches: int) -> int:
         return self.batch_size // (num_replicas * num_microbatches)
+
+    def block_costs(self, rows: int, concurrent: bool = False) -> list[tuple[float, float]]:
+        """Per-block costs at ``rows``, calibrated: blocks profiled one at a time pay per-call and cache costs that a
+        stage running them back to back does not, so with ``whole`` (the whole model's measured forward + backward
+        per batch size) they are scaled to sum to it. ``concurrent``: every worker computes at the same moment
+        throughout (``cmp``), so compute is slowed by the measured co-run factor too.
+
+        Examples:
+            >>> m = StepModel(4, {4: [(1.0, 2.0), (1.0, 2.0)]}, [4, 4], [4, 4], lambda n: 0.0, 0.0, 0.0, {4: 3.0}, 1.5)
+            >>> m.block_costs(4), m.block_costs(4, concurrent=True)
+            ([(0.5, 1.0), (0.5, 1.0)], [(0.75, 1.5), (0.75, 1.5)])
+        """
+        costs = self.costs[rows]
+        scale = self.corun if concurrent else 1.0
+        if self.whole is not None and rows in self.whole:
+            scale *= self.whole[rows] / sum(f + b for f, b in costs)
+        return [(f * scale, b * scale) for f, b in costs]
 
 
 def predict(model: StepModel, ks: range) -> dict[str, dict[int, float]]:
@@ -186,7 +206,7 @@ def _project(model: StepModel, cuts: list[int], schedule: str, m: int) -> float:
     spec = get_schedule(schedule)
     k, replicas = len(cuts) + 1, spec.num_replicas
     bounds = [0, *cuts, len(model.params)]
-    costs = model.costs[model.rows(replicas, m)]
+    costs = model.block_costs(model.rows(replicas, m), concurrent=replicas == 2)
     scale = replicas * m  # the simulator divides by this; these costs are already per microbatch
     forward, backward = stage_pass_costs(costs, cuts, scale)
     stage_bytes = [sum(model.params[a:b]) for a, b in pairwise(bounds)]

@@ -1,4 +1,4 @@
-"""The benchmark's outputs: a Markdown table, the JSON record and the throughput bar chart."""
+"""The benchmarks' shared outputs: the projection table, the JSON record, the throughput bar chart, the fault table."""
 
 from __future__ import annotations
 
@@ -6,35 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLUMNS", "bar_chart", "fault_table", "markdown_table", "projection_table", "save_figure", "write_json"]
-
-COLUMNS = ("method", "workers", "samples/s", "vs mp", "peak RSS MiB per worker", "idle fraction per worker")
-
-
-def _fmt_list(values: list[float] | None, pattern: str) -> str:
-    return "n/a" if not values else " / ".join(pattern.format(v) for v in values)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One line per method; ``vs mp`` is the samples/s ratio to the ``mp`` row (``n/a`` without one).
-
-    Examples:
-        >>> print(markdown_table([{"method": "mp", "label": "mp", "workers": 2, "samples_per_s": 10.0,
-        ...     "peak_rss_mib": [300.0, 310.0], "idle_fraction": [0.5, 0.5]}]).splitlines()[2])
-        | mp | 2 | 10.0 | 1.00 | 300 / 310 | 0.50 / 0.50 |
-    """
-    mp = next((r["samples_per_s"] for r in rows if r["method"] == "mp" and "samples_per_s" in r), None)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['label']} | {r['workers']} | skipped: {r['error']} | | | |")
-            continue
-        ratio = f"{r['samples_per_s'] / mp:.2f}" if mp else "n/a"
-        lines.append(
-            f"| {r['label']} | {r['workers']} | {r['samples_per_s']:.1f} | {ratio} | "
-            f"{_fmt_list(r['peak_rss_mib'], '{:.0f}')} | {_fmt_list(r['idle_fraction'], '{:.2f}')} |"
-        )
-    return "\n".join(lines)
+__all__ = ["bar_chart", "fault_table", "projection_table", "save_figure", "write_json"]
 
 
 def projection_table(predicted: dict[str, dict[int, float]], measured: dict[str, float], k: int) -> str:
