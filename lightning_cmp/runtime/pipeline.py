@@ -698,17 +698,23 @@ def _fingerprint(x: Tensor) -> Tensor:
     """Batch size, sums and position-weighted per-sample sums of ``x``: a reordered batch differs too.
 
     NaN and infinities are counted per sample (weighted by position) instead of summed, so a batch holding a
-    corrupt sample still fingerprints the same on every rank.
+    corrupt sample still fingerprints the same on every rank. The sums run in float64 straight from ``x`` (no
+    float64 copy of the batch: at 32 x 3 x 128 x 128 that copy made the check 10x slower); only a batch whose
+    row sums are not all finite pays for the masks.
     """
     with torch.no_grad():
-        data = x.detach().double()
+        data = x.detach()
         data = data.flatten(1) if data.dim() > 1 else data.reshape(-1, 1)
-        finite = data.isfinite()
+        if not data.is_floating_point():
+            data = data.double()
+        rows = data.sum(1, dtype=torch.float64)
         odd_rows = torch.zeros(len(data), dtype=torch.float64, device=data.device)
-        if not bool(finite.all()):  # rare: only then pay for the masks
+        if not bool(rows.isfinite().all()):  # rare: a NaN or an infinity (finite values cannot overflow float64)
+            finite = data.isfinite()
             odd_rows = (data.isnan().double() + 2 * data.isposinf().double() + 3 * data.isneginf().double()).sum(1)
             data = data.masked_fill(~finite, 0.0)
-        rows, magnitudes = data.sum(1), data.abs().sum(1)
+            rows = data.sum(1, dtype=torch.float64)
+        magnitudes = torch.linalg.vector_norm(data, 1, dim=1, dtype=torch.float64)
         position = torch.arange(1, len(rows) + 1, dtype=torch.float64, device=data.device)
         size = torch.tensor(float(len(rows)), dtype=torch.float64, device=data.device)
         weighted = [(position * r).sum() for r in (rows, magnitudes, odd_rows)]
