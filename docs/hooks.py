@@ -5,23 +5,35 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import re
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from lightning_cmp.bench.accuracy import accuracy_table
 from lightning_cmp.bench.asynchronous import tables_from_json as asynchronous_tables
 from lightning_cmp.bench.bipartition import tables_from_json as bipartition_tables
 from lightning_cmp.bench.microbatches import tables_from_json
 from lightning_cmp.bench.report import fault_table
 from lightning_cmp.bench.scaleout import tables_from_json as scaleout_tables
+from lightning_cmp.bench.summary import overview as bench_overview
+from lightning_cmp.bench.summary import tables_from_json as bench_tables
+from lightning_cmp.bench.time_to_accuracy import time_to_accuracy_table
 from lightning_cmp.schedule import SCHEDULES, lower, render, render_async, simulate
 
 # <!-- timetable schedule=cmp num_stages=4 -->  and  <!-- makespans num_stages=2,3,4 -->
 _MICROBATCHES = re.compile(r"<!--\s*microbatches\s+json=(\S+)\s*-->")
 _BIPARTITION = re.compile(r"<!--\s*bipartition\s+json=(\S+)\s*-->")
 _SCALEOUT = re.compile(r"<!--\s*scaleout\s+json=(\S+)\s*-->")
+# <!-- bench json=docs/bench/vgg.json -->: the main benchmark's tables of one run
+_BENCH = re.compile(r"<!--\s*bench\s+json=(\S+)\s*-->")
+# <!-- bench-overview json=docs/bench/vgg.json,docs/bench/resnet50.json -->: one column per run
+_BENCH_OVERVIEW = re.compile(r"<!--\s*bench-overview\s+json=(\S+)\s*-->")
+# <!-- time-to-accuracy json=docs/bench/time_to_accuracy.json -->: time to accuracy, then test accuracy and speed
+_TIME_TO_ACCURACY = re.compile(r"<!--\s*time-to-accuracy\s+json=(\S+)\s*-->")
 # <!-- faults json=docs/bench/heartbeats.json,docs/bench/restarts.json -->
 _FAULTS = re.compile(r"<!--\s*faults\s+json=(\S+)\s*-->")
 _TIMETABLE = re.compile(r"<!--\s*timetable\s+schedule=(\w+)\s+num_stages=(\d+)(?:\s+num_microbatches=(\d+))?\s*-->")
@@ -33,6 +45,11 @@ _VERSIONS = re.compile(r"<!--\s*versions\s+num_stages=(\d+)\s+num_batches=(\d+)\
 # <!-- output --> after a ```python block: what the page's blocks printed since the previous marker
 _OUTPUT = re.compile(r"<!--\s*output\s*-->")
 _PYTHON = re.compile(r"^```python[^\n]*\n(.*?)\n```", re.DOTALL | re.MULTILINE)
+
+
+def _accuracy_tables(path: str) -> str:
+    record = json.loads(Path(path).read_text())
+    return time_to_accuracy_table(record) + "\n\n" + accuracy_table(record)
 
 
 def timetable_block(schedule: str, num_stages: int, num_microbatches: int | None = None) -> str:
@@ -113,6 +130,9 @@ def on_page_markdown(markdown: str, page: Any = None, **kwargs: Any) -> str:
     markdown = _MICROBATCHES.sub(lambda m: tables_from_json(m[1]), markdown)
     markdown = _BIPARTITION.sub(lambda m: bipartition_tables(m[1]), markdown)
     markdown = _SCALEOUT.sub(lambda m: scaleout_tables(m[1]), markdown)
+    markdown = _BENCH.sub(lambda m: bench_tables(m[1]), markdown)
+    markdown = _BENCH_OVERVIEW.sub(lambda m: bench_overview(m[1].split(",")), markdown)
+    markdown = _TIME_TO_ACCURACY.sub(lambda m: _accuracy_tables(m[1]), markdown)
     markdown = _FAULTS.sub(lambda m: fault_table(m[1].split(",")), markdown)
     markdown = _ASYNCHRONOUS.sub(lambda m: asynchronous_tables(m[1], m[2]), markdown)
     markdown = _VERSIONS.sub(lambda m: versions_block(int(m[1]), int(m[2]), m[3]), markdown)

@@ -7,6 +7,7 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import re
 import shlex
@@ -360,3 +361,24 @@ def test_readme_points_to_the_docs_and_its_example_runs() -> None:
     assert not missing, f"README.md: add {missing} to the options table"
     for name in SCHEDULES:
         assert f"| `{name}` " in readme, f"README.md: add the strategy {name!r} to the table"
+
+
+def test_readme_results_come_from_the_saved_json() -> None:
+    """The README's results table quotes docs/bench/time_to_accuracy.json: every number in it is in the file."""
+    from lightning_cmp.bench.time_to_accuracy import time_to_accuracy
+
+    readme = (DOCS.parent / "README.md").read_text()
+    record = json.loads((DOCS / "bench" / "time_to_accuracy.json").read_text())
+    target, rows = time_to_accuracy(record)
+    assert f"seconds to {100 * target:.2f} % validation accuracy" in readme
+    reached = {row["label"]: row for row in rows}
+    rows_of = {"single device": "| single device", "ddp": "| Lightning `ddp`", "mp": '| `strategy="mp"`'}
+    rows_of["cmp (gradient)"] = '| `strategy="cmp"`'
+    results = readme.split("<!-- results -->", 1)[1].split("## ", 1)[0]
+    for run in record["runs"]:
+        line = next(line for line in results.splitlines() if line.startswith(rows_of[run["label"]]))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{run['processes']} x {run['threads']}", (run["label"], cells)
+        assert cells[2] == f"{run['samples_per_s']:.1f}", (run["label"], cells)
+        assert cells[3] == f"{reached[run['label']]['seconds']:.1f}", (run["label"], cells)
+        assert cells[4] == f"{100 * run['test_acc']:.2f} %", (run["label"], cells)
