@@ -40,7 +40,8 @@ from lightning_cmp.schedule import get_schedule
 
 #: One of each family, to keep ``--quick`` under two minutes on two busy cores.
 QUICK_METHODS = ["single", "mp", "gpipe2", "cmp", "cmp2", "pp_gpipe", "pp_dualpipev", "ddp"]
-#: What runs by default: every synchronous method and setting (the asynchronous ones have their own benchmark).
+#: What runs by default: every synchronous method and setting; the asynchronous schedules and micro-batched ``cmp``
+#: have benchmarks of their own (``lightning_cmp.bench.asynchronous``, ``lightning_cmp.bench.microbatches``).
 DEFAULT_METHODS = [
     name for name in METHODS if name not in ("spectrain", "pipedream", "async", "cmp2", "cmp4")
 ]  # fmt: skip
@@ -67,7 +68,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--size", type=int, default=32, help="input height and width")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="default: all synchronous")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="default: DEFAULT_METHODS")
     p.add_argument(
         "--trainer", nargs="*", default=None, choices=TRAINER_METHODS,
         help="also time these methods through L.Trainer (no names: all of them)",
