@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lightning_cmp.bench.ideal import ideal_step
 from lightning_cmp.bench.methods import BREAKDOWN, METHODS
 from lightning_cmp.bench.report import bar_chart, projection_table
 from lightning_cmp.bench.timeline import plot_timelines
@@ -25,8 +26,8 @@ def profile_table(record: dict[str, Any]) -> str:
     """The whole model's measured compute and the ideal steps made from it (`lightning_cmp.bench.ideal`)."""
     p, b = record["compute_profile"], record["config"]["batch_size"]
     whole = p["whole_s"]
-    ideal_cmp = whole[str(b // 2)] + p["optimizer_s"]
-    ideal_mp = whole[str(b)] + p["optimizer_s"] / 2
+    ideal_cmp, ideal_mp = ideal_step("cmp", p, b), ideal_step("mp", p, b)
+    assert ideal_cmp is not None and ideal_mp is not None
     lines = [
         "| measured (1 process, 1 thread) | seconds |",
         "|---|---|",
@@ -249,6 +250,4 @@ def overview(paths: list[str | Path]) -> str:
 
 def _ideal_ratio(record: dict[str, Any]) -> str:
     p, b = record["compute_profile"], record["config"]["batch_size"]
-    mp = p["whole_s"][str(b)] + p["optimizer_s"] / 2
-    cmp = p["whole_s"][str(b // 2)] + p["optimizer_s"]
-    return f"{mp / cmp:.2f}"
+    return _div(ideal_step("mp", p, b), ideal_step("cmp", p, b))
