@@ -47,14 +47,6 @@ DEFAULT_METHODS = [
 ]  # fmt: skip
 #: Methods timed through ``L.Trainer`` with ``--trainer`` (names of `lightning_cmp.bench.trainer`).
 TRAINER_METHODS = ["single", "single_2threads", "ddp", "mp", "cmp", "cmp_gloo"]
-TRAINER_LABELS = {
-    "single": "single device, 1 thread",
-    "single_2threads": "single device, 2 threads",
-    "ddp": "Lightning ddp (gradient_as_bucket_view)",
-    "mp": 'CMPStrategy(schedule="mp")',
-    "cmp": "CMPStrategy()",
-    "cmp_gloo": "CMPStrategy(), exchange over gloo (shared memory off)",
-}
 MODEL_CHOICES = ["vgg", "resnet18", "resnet18_cifar", "tiny", "torchvision:resnet50", "torchvision:vgg16"]
 
 
@@ -238,6 +230,7 @@ def measure_trainer(
     ``ddp`` with ``bucket_mib`` MiB buckets (the raw rows' best) when given."""
     if not args.trainer:
         return []
+    from lightning_cmp.bench.trainer import METHODS as TRAINER
     from lightning_cmp.bench.trainer import run_trainer, summarize_trainer
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.trainer}
@@ -255,7 +248,7 @@ def measure_trainer(
     rows = []
     for name, found in runs.items():
         done = [r for r in found if "error" not in r]
-        row: dict[str, Any] = {"method": name, "label": TRAINER_LABELS[name]}
+        row: dict[str, Any] = {"method": name, "label": TRAINER[name].label}
         if name == "ddp" and bucket_mib:
             row["label"] += f" ({bucket_mib:g} MiB buckets, the raw sweep's best)"
         row.update(summarize_trainer(done, args.batch_size) if done else found[0])
