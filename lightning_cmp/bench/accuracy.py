@@ -9,11 +9,11 @@ exits 1 if a run failed. Every method trains on the quickstart's global batch of
 Time to accuracy: ``--val-every N`` validates every N training steps (the quickstart's ``--val-every``), and the
 table and figure (`lightning_cmp.bench.time_to_accuracy`) show how soon each method reaches a validation accuracy,
 on wall time since fit started (validation included; the table says how much of it). The docs' figures come from
-this command (one epoch of the 55,000 training images is 860 steps, so 10 validations per run; about 35 minutes
-on the 2-core machine, estimated from the measured samples/s)::
+this command (one epoch of the 55,000 training images is 860 steps, so 10 validations per run; about 12 minutes
+on the 2-core machine for the one seed; ``--seeds 0 1 2`` gives medians over three)::
 
     python -m lightning_cmp.bench.accuracy --runs "single device" ddp mp "cmp (gradient)" \\
-        --epochs 1 --limit-train 0 --limit-eval 2000 --val-every 86 --seeds 0 1 2 \\
+        --epochs 1 --limit-train 0 --limit-eval 2000 --val-every 86 --seeds 0 \\
         --json docs/bench/time_to_accuracy.json --plot docs/img/time_to_accuracy.png
 
 ``--json docs/bench/time_to_accuracy.json --plot docs/img/time_to_accuracy.png --plot-only`` redraws the figure and
