@@ -42,27 +42,28 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lightning_cmp' has no attribute {name!r}")
 
 
-def _register_lightning() -> None:
+def _register(strategy_module: str, registry_module: str) -> None:
+    """Register ``strategy_module``'s ``CMPStrategy`` with its Lightning package's registry (importing it does);
+    nothing while that module is the one importing Lightning (it registers itself when it is done)."""
+    import importlib
     import sys
 
-    importing = sys.modules.get("lightning_cmp.strategy")
+    importing = sys.modules.get(strategy_module)
     if importing is not None and not hasattr(importing, "CMPStrategy"):
-        return  # Lightning is being imported by lightning_cmp.strategy itself, which registers when it is done
-    from lightning.pytorch.strategies import StrategyRegistry
+        return
+    strategy = importlib.import_module(strategy_module).CMPStrategy
+    strategy.register_strategies(importlib.import_module(registry_module).StrategyRegistry)
 
-    from lightning_cmp.strategy import CMPStrategy
 
-    CMPStrategy.register_strategies(StrategyRegistry)
+def _register_lightning() -> None:
+    _register("lightning_cmp.strategy", "lightning.pytorch.strategies")
 
 
 def _register_pytorch_lightning() -> None:
-    from lightning_cmp._mirror import load_twin
+    import importlib.util
 
-    twin = load_twin()
-    if twin is not None:
-        from pytorch_lightning.strategies import StrategyRegistry as PLStrategyRegistry
-
-        twin.CMPStrategy.register_strategies(PLStrategyRegistry)
+    if importlib.util.find_spec("pytorch_lightning") is not None:
+        _register("lightning_cmp.pytorch_lightning", "pytorch_lightning.strategies")
 
 
 def register() -> None:

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_cmp"
 TORCH_FREE = ("schedule/", "partition/solver.py", "partition/bipartition.py")
 LIGHTNING_ALLOWED = (
     "strategy.py",
-    "_mirror.py",
+    "pytorch_lightning.py",
     "__init__.py",
     "data/",
     "models/",

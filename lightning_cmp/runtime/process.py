@@ -8,21 +8,26 @@ itself hang).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 
-from lightning_cmp.runtime.heartbeat import Heartbeat
-from lightning_cmp.runtime.liveness import Processes
+from lightning_cmp.runtime.heartbeat import EXIT_CODE, Heartbeat
+from lightning_cmp.runtime.liveness import Processes, stop_processes, this_process
 
 __all__ = [
     "STARTUP_TIMEOUT",
     "destroy_process_group_at_exit",
     "elastic_attempt_store",
+    "end_for_lost_peer",
     "mark_failed",
     "register_exit_cleanup",
     "set_group_timeout",
@@ -125,3 +130,19 @@ def watch_heartbeats(
         atexit.register(heartbeat.stop)  # a clean exit is never taken for a fault
     if heartbeat:
         heartbeat.watch(on)
+
+
+def end_for_lost_peer(
+    me: int, rank: int, message: str, launched: Sequence[subprocess.Popen], processes: Processes
+) -> NoReturn:
+    """What a worker does when the heartbeat thread finds rank ``rank`` lost: report ``message``, stop the workers
+    this process ``launched`` and the lost worker when it runs on this host (a stopped one would outlive the job and
+    a restart's wait), and end this process at once (its main thread may wait in a collective until ``timeout``)."""
+    print(f"[rank {me}] PeerLostError: {message}", file=sys.stderr, flush=True)
+    mark_failed()
+    stop_processes(launched, grace_s=0.0)
+    host, pid = processes.get(rank, ("", 0))
+    if pid and host == this_process()[0]:
+        with contextlib.suppress(OSError):
+            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    os._exit(EXIT_CODE)

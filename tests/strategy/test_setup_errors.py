@@ -37,7 +37,7 @@ def test_pytorch_lightning_users_pass_options_to_their_own_class() -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
     assert trainer.strategy is strategy and isinstance(strategy, pl.strategies.ParallelStrategy)
     assert (strategy.num_stages, strategy.averaging, strategy.average_every) == (2, "parameter", 4)
-    # the twin runs strategy.py's own lines: tracebacks and coverage point there
+    # one definition for both packages: the class runs strategy.py's own code (tracebacks, coverage, mypy)
     assert PLCMPStrategy.__init__.__code__.co_filename == lightning_cmp.strategy.__file__
     with pytest.raises(CMPConfigError, match="unknown averaging 'bogus'"):
         PLCMPStrategy(averaging="bogus")

@@ -146,7 +146,7 @@ def test_pytorch_lightning_package(tmp_path: Path) -> None:
     ref_model, _, _ = single_device(1)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
-        assert got["strategy"] == "lightning_cmp._strategy_pytorch_lightning"
+        assert got["strategy"] == "lightning_cmp.pytorch_lightning"
         assert_states_close(got["state"], ref_model.state_dict(), rank=r)
 
 
