@@ -82,6 +82,13 @@ from lightning_cmp.schedule import SCHEDULES, Placement, get_schedule
 __all__ = ["CMPStrategy"]
 
 log = logging.getLogger(__name__)
+# As Lightning does for its own logger: the package's INFO messages (the split chosen on the first batch, a restart)
+# show by default, unless the application configured logging itself (a handler on the root logger).
+_package_log = logging.getLogger("lightning_cmp")
+if not logging.getLogger().hasHandlers() and not _package_log.handlers:
+    _package_log.setLevel(logging.INFO)
+    _package_log.addHandler(logging.StreamHandler())
+    _package_log.propagate = False
 
 # A killed peer usually fails a gloo call at once; this bounds the wait on a hung one (torch's default: 30 min).
 DEFAULT_TIMEOUT = timedelta(seconds=120)

@@ -17,5 +17,5 @@ fi
 
 echo "== ruff";  ruff check .
 echo "== mypy";  mypy
-echo "== pytest"; pytest -q "$@"
+echo "== pytest"; pytest -q --durations=25 "$@"  # the slowest tests listed: what to merge when the suite grows
 echo "== docs";  NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)"

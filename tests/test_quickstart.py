@@ -34,6 +34,8 @@ def test_main_job_trains_with_cmp_and_prints_accuracy_and_throughput(tmp_path: P
     # 6 steps, validated every 3: the points of lightning_cmp.bench.accuracy's time-to-accuracy curve
     assert re.findall(r"val accuracy after step (\d+) \(epoch 1\): [0-9.]+ at [0-9.]+ s", proc.stdout) == ["3", "6"]
     assert "threads per process: 1" in proc.stdout
+    # the split chosen on the first batch is shown by default, by rank 0 only: once for fit, once for test
+    assert len(re.findall(r"lightning_cmp: \w+ split into 2 stages at blocks \[\d+\]", proc.stderr)) == 2, proc.stderr
 
 
 def test_val_every_is_a_number_of_steps_and_off_by_default() -> None:

@@ -234,7 +234,7 @@ def measure_trainer(
     from lightning_cmp.bench.trainer import run_trainer, summarize_trainer
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.trainer}
-    for _ in range(max(args.rounds, 2)):
+    for _ in range(1 if args.quick else max(args.rounds, 2)):  # --quick checks the plumbing: one run each
         for name in args.trainer:
             started = time.perf_counter()
             try:

@@ -32,27 +32,30 @@ from lightning_cmp.bench.models import build, make_batches
 __all__ = ["compute_profile", "ideal_step", "whole_step_seconds"]
 
 
-def whole_step_seconds(model: nn.Module, x: Tensor, y: Tensor, repeats: int = 5) -> tuple[float, float]:
-    """Median seconds of the whole model's forward + loss + backward on ``x``, and of one SGD (momentum) step,
-    after one warm-up. Gradients are zeroed outside the timed region.
+def whole_step_seconds(model: nn.Module, x: Tensor, y: Tensor, repeats: int = 5) -> tuple[float, float, float]:
+    """Median seconds of the whole model's forward + loss + backward on ``x``, of one SGD (momentum) step, and of
+    ``zero_grad()`` (Lightning's and torch's default ``set_to_none=True``: the gradients' memory is freed, and the next
+    backward allocates it again), after one warm-up. The three are timed apart.
 
     Examples:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
-        >>> compute, step = whole_step_seconds(net, torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 3]), repeats=2)
-        >>> compute > 0 and step > 0
+        >>> times = whole_step_seconds(net, torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 3]), repeats=2)
+        >>> all(t > 0 for t in times)
         True
     """
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    compute, steps = [], []
+    compute, steps, frees = [], [], []
     for _ in range(repeats + 1):
+        start = time.perf_counter()
         opt.zero_grad()
+        frees.append(time.perf_counter() - start)
         start = time.perf_counter()
         F.cross_entropy(model(x), y).backward()
         middle = time.perf_counter()
         opt.step()
         compute.append(middle - start)
         steps.append(time.perf_counter() - middle)
-    return statistics.median(compute[1:]), statistics.median(steps[1:])
+    return statistics.median(compute[1:]), statistics.median(steps[1:]), statistics.median(frees[1:])
 
 
 def _corun(rank: int, world: int, model: str, rows: int, size: int, repeats: int) -> float:
@@ -73,13 +76,16 @@ def _corun(rank: int, world: int, model: str, rows: int, size: int, repeats: int
 
 
 def compute_profile(model: str, batch_size: int, size: int, rows: list[int], repeats: int = 5) -> dict[str, Any]:
-    """Whole-model compute at every batch size in ``rows`` (alone, 1 thread), the optimizer step, the co-run
-    ``T(B/2)`` (two processes at once, 1 thread each), and the half-batch efficiency ``T(B) / (2 T(B/2))``.
+    """Whole-model compute at every batch size in ``rows`` (alone, 1 thread), the optimizer step and freeing the
+    gradients (``zero_grad()``: ``free_grads_s``, a whole model's, as a `cmp` worker at K = 2 frees them each step;
+    DDP with ``gradient_as_bucket_view`` frees as much inside its backward, each gradient once it is copied into
+    its bucket), the co-run ``T(B/2)`` (two processes at once, 1 thread each), and the half-batch efficiency
+    ``T(B) / (2 T(B/2))``.
 
     Examples:
         >>> p = compute_profile("tiny", 16, 16, [16, 8], repeats=2)  # doctest: +SKIP
         >>> sorted(p)  # doctest: +SKIP
-        ['corun_half_s', 'corun_factor', 'half_batch_efficiency', 'optimizer_s', 'whole_s']
+        ['corun_half_s', 'corun_factor', 'free_grads_s', 'half_batch_efficiency', 'optimizer_s', 'whole_s']
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -87,10 +93,11 @@ def compute_profile(model: str, batch_size: int, size: int, rows: list[int], rep
         net = build(model, size)
         net.train()
         x, y = make_batches(1, max(rows), size)[0]
-        whole, optimizer = {}, []
+        whole, optimizer, frees = {}, [], []
         for n in sorted(set(rows), reverse=True):
-            whole[n], step = whole_step_seconds(net, x[:n], y[:n], repeats)
+            whole[n], step, free = whole_step_seconds(net, x[:n], y[:n], repeats)
             optimizer.append(step)
+            frees.append(free)
     finally:
         torch.set_num_threads(threads)
     half = batch_size // 2
@@ -99,6 +106,7 @@ def compute_profile(model: str, batch_size: int, size: int, rows: list[int], rep
     return {
         "whole_s": {str(n): t for n, t in whole.items()},
         "optimizer_s": statistics.median(optimizer),
+        "free_grads_s": statistics.median(frees),
         "corun_half_s": corun_half,
         "corun_factor": corun_half / whole[half] if half in whole else None,
         "half_batch_efficiency": whole[batch_size] / (2 * whole[half]) if half in whole else None,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_cmp.bench.measure import peak_rss_mib
 from lightning_cmp.bench.models import build, make_batches, train_steps
-from lightning_cmp.partition import trace_chain
+from lightning_cmp.partition import Chain, trace_chain
 from lightning_cmp.runtime import Comm, OptimizerLayout, Pipeline
 from lightning_cmp.runtime.asynchronous import AsyncPipeline
 from lightning_cmp.runtime.trace import compute_fraction
@@ -199,10 +199,7 @@ def _torch_pipelining(rank: int, world: int, model: nn.Module, method: Method, c
     num_stages = len(bounds) - 1
     # DualPipeV's V: rank r holds stages r and 2K-1-r; the others hold stage r.
     indices = [rank, num_stages - 1 - rank] if method.name.startswith("pp_dualpipev") else [rank]
-    stages = [
-        pp.PipelineStage(chain.stage_module(bounds[i], bounds[i + 1]), i, num_stages, torch.device("cpu"))
-        for i in indices
-    ]
+    stages = [pp.PipelineStage(_torch_stage(chain, bounds, i), i, num_stages, torch.device("cpu")) for i in indices]
     params = [p for s in stages for p in s.submod.parameters()]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     if method.name.startswith("pp_dualpipev"):
@@ -220,6 +217,25 @@ def _torch_pipelining(rank: int, world: int, model: nn.Module, method: Method, c
         opt.step()
 
     return step
+
+
+class _TorchStage(nn.Module):
+    """A stage for torch's pipelining whose output is never a view: ``ScheduleDualPipeV``'s split backward calls
+    ``detach_()`` on the stage output, which torch refuses for a view (a stage ending in ``flatten``, as VGG-16's
+    does at some balanced cuts); a user works around it the same way, with a copy (a few KB here)."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.stage(x)
+        return out.clone() if out._base is not None else out
+
+
+def _torch_stage(chain: Chain, bounds: list[int], index: int) -> nn.Module:
+    """Stage ``index`` of ``chain`` cut at ``bounds``, for torch's pipelining."""
+    return _TorchStage(chain.stage_module(bounds[index], bounds[index + 1]))
 
 
 def run_method(

@@ -35,6 +35,11 @@ def profile_table(record: dict[str, Any]) -> str:
         f"| forward + backward, whole model, batch {b // 2} = T(B/2) | {whole[str(b // 2)]:.4f} |",
         f"| the same, two processes at once (co-run), each | {p['corun_half_s']:.4f} |",
         f"| optimizer step, whole model (SGD, momentum) | {p['optimizer_s']:.4f} |",
+        *(
+            [f"| freeing the gradients, whole model (`zero_grad()`) | {p['free_grads_s']:.4f} |"]
+            if "free_grads_s" in p
+            else []
+        ),
         f"| half-batch efficiency T(B) / (2 T(B/2)) | {p['half_batch_efficiency']:.3f} |",
         f"| co-run factor (co-run T(B/2) / T(B/2)) | {p['corun_factor']:.3f} |",
         f"| ideal `cmp` / DDP step: T(B/2) + optimizer | {ideal_cmp:.4f} |",

@@ -37,7 +37,7 @@ def build_pipeline(
 
     The same cuts and per-stage costs (what an interleaved schedule orders its microbatches for) on every rank:
     planned in each pipeline, pipeline 0's plan taken by all. ``state``: a restored checkpoint's entries for the
-    split module. The split is logged (``lightning_cmp`` logger, INFO).
+    split module. Rank 0 logs the split (``lightning_cmp`` logger, INFO, shown by default).
     """
     comm = groups.pipeline if groups is not None else world
     plan = plan_partition(partition if comm.size > 1 else "uniform", chain, x, comm, schedule, num_microbatches)
@@ -48,7 +48,8 @@ def build_pipeline(
         where = f"forward at blocks {plan.forward_cuts}, backward at {plan.cuts}"
     note = f" ({plan.note})" if plan.note else ""
     pipelines = f" x {groups.num_groups} data-parallel pipelines" if groups is not None else ""
-    log.info("lightning_cmp: %s split into %d stages%s %s%s", chain.name, comm.size, pipelines, where, note)
+    if world.me == 0:  # once per pipeline built, not once per worker
+        log.info("lightning_cmp: %s split into %d stages%s %s%s", chain.name, comm.size, pipelines, where, note)
     if get_schedule(schedule).asynchronous:
         return AsyncPipeline(chain, plan.cuts, schedule, comm, seed, state)
     return Pipeline(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -89,6 +90,8 @@ def test_without_a_tcp_store_heartbeats_turn_off_with_a_warning(
 ) -> None:
     # a process group the user made on a file store: the set-up goes on, without heartbeats
     monkeypatch.setattr(process, "_state", {"registered": True, "failed": False, "heartbeat": None})
+    # lightning_cmp.strategy, once imported, prints the package's messages itself (not through the root logger)
+    monkeypatch.setattr(logging.getLogger("lightning_cmp"), "propagate", True)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         process.watch_heartbeats(True, 0, 2, {}, TIMEOUT, lambda rank, message: None)
