@@ -14,37 +14,27 @@ Examples:
 from __future__ import annotations
 
 try:
-    from lightning_fabric.utilities.warnings import PossibleUserWarning
-    from pytorch_lightning.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+    import lightning_fabric.utilities.warnings as pl_warnings
+    import pytorch_lightning.plugins.precision as pl_precision
+    import pytorch_lightning.strategies.launchers as pl_launchers
     from pytorch_lightning.strategies import ParallelStrategy, StrategyRegistry
-    from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 except ImportError as err:  # pragma: no cover - depends on what is installed
     raise ImportError(
         "lightning_cmp.pytorch_lightning needs the pytorch_lightning package (pip install pytorch-lightning); "
         "with the lightning package use lightning_cmp.CMPStrategy"
     ) from err
 
-from lightning_cmp.strategy import CMPStrategyCore, Flavour, RestartingLaunch
+from lightning_cmp.strategy import CMPStrategyCore, Flavour
 
 __all__ = ["CMPStrategy"]
 
 
-# mypy checks the cores against lightning's classes; pytorch_lightning's are the same classes under other names, which
-# it reports as incompatible definitions of every shared attribute (the misc ignores below).
-class _RestartingLauncher(RestartingLaunch, _SubprocessScriptLauncher):  # type: ignore[misc]
-    """`RestartingLaunch` for ``pytorch_lightning``."""
-
-
+# mypy checks the core against lightning's classes; pytorch_lightning's are the same classes under other names, which
+# it reports as incompatible definitions of every shared attribute.
 class CMPStrategy(CMPStrategyCore, ParallelStrategy):  # type: ignore[misc]
     """`lightning_cmp.CMPStrategy` for ``pytorch_lightning``'s Trainer: the same options and behaviour."""
 
-    _flavour = Flavour(
-        subprocess_launcher=_SubprocessScriptLauncher,
-        multiprocessing_launcher=_MultiProcessingLauncher,
-        restarting_launcher=_RestartingLauncher,
-        precisions=(Precision, MixedPrecision, HalfPrecision, DoublePrecision),
-        possible_user_warning=PossibleUserWarning,
-    )
+    _flavour = Flavour.of(pl_launchers, pl_precision, pl_warnings)
 
 
 CMPStrategy.register_strategies(StrategyRegistry)

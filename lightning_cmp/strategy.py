@@ -17,8 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import lightning.fabric.utilities.warnings as lightning_warnings
+import lightning.pytorch.plugins.precision as lightning_precision
+import lightning.pytorch.strategies.launchers as lightning_launchers
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
@@ -31,12 +35,11 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import _update_dataloader
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -115,12 +118,29 @@ class Flavour:
 
     subprocess_launcher: type[Any]
     multiprocessing_launcher: type[Any]
-    #: the package's ``_SubprocessScriptLauncher`` with `RestartingLaunch` mixed in
+    #: the package's ``_SubprocessScriptLauncher`` with `RestartingLaunch` mixed in (`Flavour.of` makes it)
     restarting_launcher: type[Any]
     #: the precision plugins a split model runs under. Exact types: FSDP, DeepSpeed, bitsandbytes and Transformer
     #: Engine plugins subclass these but shard, quantize or replace layers in ways a split model does not expect.
     precisions: tuple[type[Any], ...]
     possible_user_warning: type[Warning]
+
+    @classmethod
+    def of(cls, launchers: ModuleType, precision: ModuleType, fabric_warnings: ModuleType) -> Flavour:
+        """The flavour of the package whose ``strategies.launchers`` and ``plugins.precision`` modules are given,
+        with its fabric's ``utilities.warnings``."""
+        subprocess_launcher = launchers._SubprocessScriptLauncher
+        return cls(
+            subprocess_launcher=subprocess_launcher,
+            multiprocessing_launcher=launchers._MultiProcessingLauncher,
+            restarting_launcher=type(
+                "RestartingLauncher", (RestartingLaunch, subprocess_launcher), {"__module__": __name__}
+            ),
+            precisions=tuple(
+                getattr(precision, n) for n in ("Precision", "MixedPrecision", "HalfPrecision", "DoublePrecision")
+            ),
+            possible_user_warning=fabric_warnings.PossibleUserWarning,
+        )
 
 
 class RestartingLaunch(_LauncherBase):
@@ -886,10 +906,6 @@ def _check_precision(plugin: Precision, schedule: str, supported: tuple[type[Any
         )
 
 
-class _RestartingLauncher(RestartingLaunch, _SubprocessScriptLauncher):
-    """`RestartingLaunch` for ``lightning``."""
-
-
 class CMPStrategy(CMPStrategyCore, ParallelStrategy):
     """Cross model parallelism: two reversed replicas of a split model train at once and stay averaged.
 
@@ -971,13 +987,7 @@ class CMPStrategy(CMPStrategyCore, ParallelStrategy):
         >>> trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cmp", max_epochs=1)  # doctest: +SKIP
     """
 
-    _flavour = Flavour(
-        subprocess_launcher=_SubprocessScriptLauncher,
-        multiprocessing_launcher=_MultiProcessingLauncher,
-        restarting_launcher=_RestartingLauncher,
-        precisions=(Precision, MixedPrecision, HalfPrecision, DoublePrecision),
-        possible_user_warning=PossibleUserWarning,
-    )
+    _flavour = Flavour.of(lightning_launchers, lightning_precision, lightning_warnings)
 
 
 # Importing this module (the first use of lightning_cmp.CMPStrategy) registers the names with its Lightning.
