@@ -48,7 +48,6 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
-from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.errors import CMPConfigError
 from lightning_cmp.glue.checkpoints import StreamedCheckpoint, check_keys, gathered_optimizer_state
 from lightning_cmp.glue.checks import check_arguments, check_asynchronous, check_sharded, check_unscaling, check_world
@@ -104,7 +103,10 @@ DEFAULT_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 CHECK_COPIES_EVERY = 50
 
 
-if TYPE_CHECKING:  # checked against lightning's classes; at run time each subclass brings its own package's
+if TYPE_CHECKING:
+    from lightning_cmp.checkpoint_io import AtomicCheckpointIO  # at run time: `_atomic_checkpoint_io`
+
+    # the cores are checked against lightning's classes; at run time each subclass brings its own package's
     _StrategyBase = ParallelStrategy
     _LauncherBase = _SubprocessScriptLauncher
 else:
@@ -206,7 +208,7 @@ class CMPStrategyCore(_StrategyBase):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else _atomic_checkpoint_io()(),
             precision_plugin=precision_plugin,
         )
         check_arguments(num_stages, schedule, partition, averaging, average_every)
@@ -778,7 +780,8 @@ class CMPStrategyCore(_StrategyBase):
 
     def _streams(self) -> bool:
         """Whether checkpoints are written stage by stage (keep_split=True with a local AtomicCheckpointIO)."""
-        return self.keep_split and self._pipeline is not None and isinstance(self.checkpoint_io, AtomicCheckpointIO)
+        atomic = _atomic_checkpoint_io()
+        return self.keep_split and self._pipeline is not None and isinstance(self.checkpoint_io, atomic)
 
     @override
     def save_checkpoint(
@@ -788,7 +791,7 @@ class CMPStrategyCore(_StrategyBase):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         if self._groups is not None and self._groups.group != 0:
             return None  # pipeline 0 writes the file; its copies equal every other pipeline's
-        assert self._pipeline is not None and isinstance(self.checkpoint_io, AtomicCheckpointIO)
+        assert self._pipeline is not None and isinstance(self.checkpoint_io, _atomic_checkpoint_io())
         self._streamed.save(self.checkpoint_io, checkpoint, filepath, storage_options, self._pipeline, self._layouts)
         return None
 
@@ -896,6 +899,15 @@ class CMPStrategyCore(_StrategyBase):
             averaging="sharded",
             override=True,
         )
+
+
+def _atomic_checkpoint_io() -> type[AtomicCheckpointIO]:
+    """Imported on use: ``lightning_cmp.checkpoint_io`` imports Lightning, whose import registers this module's
+    strategy; imported at the top, a script that imports ``checkpoint_io`` before Lightning would import this module
+    from inside it, half-built, and the names would not be registered."""
+    from lightning_cmp.checkpoint_io import AtomicCheckpointIO
+
+    return AtomicCheckpointIO
 
 
 def _check_precision(plugin: Precision, schedule: str, supported: tuple[type[Any], ...]) -> None:

@@ -28,6 +28,30 @@ def test_the_schedule_layer_and_the_partition_solver_import_without_torch_or_lig
     assert _loaded(code) == []
 
 
+def test_the_strategys_parts_in_glue_import_without_lightning() -> None:
+    # what the strategy decides or computes without Lightning's classes (lightning_cmp/glue) loads no Lightning
+    code = (
+        "import json, sys\n"
+        "from lightning_cmp.glue import checkpoints, checks, collectives, module, optimizers, pipeline\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY[1:]!r} if m in sys.modules)))"
+    )
+    assert _loaded(code) == []
+
+
+def test_importing_checkpoint_io_before_lightning_still_registers_the_strategies() -> None:
+    # lightning_cmp.checkpoint_io imports Lightning, whose import registers the strategies by importing
+    # lightning_cmp.strategy: that must not need checkpoint_io, half-built at that moment
+    code = (
+        "import json, warnings\n"
+        "warnings.simplefilter('error', RuntimeWarning)\n"
+        "from lightning_cmp.checkpoint_io import AtomicCheckpointIO\n"
+        "import lightning.pytorch as pl\n"
+        "trainer = pl.Trainer(accelerator='cpu', devices=2, strategy='cmp', logger=False)\n"
+        "print(json.dumps(isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)))"
+    )
+    assert _loaded(code) is True
+
+
 @pytest.mark.parametrize("lightning_first", [False, True])
 def test_the_strategies_are_registered_whichever_is_imported_first(lightning_first: bool) -> None:
     imports = ["import lightning_cmp", "import lightning.pytorch as pl"]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 from lightning_cmp.runtime import OptimizerLayout, Pipeline
 from lightning_cmp.runtime.state import find_tensor
 from lightning_cmp.runtime.stream import serve, write_streamed
+
+if TYPE_CHECKING:  # an annotation only: this module needs no Lightning
+    from lightning_cmp.checkpoint_io import AtomicCheckpointIO
 
 __all__ = ["StreamedCheckpoint", "check_keys", "gathered_optimizer_state", "owned_tensor"]
 
