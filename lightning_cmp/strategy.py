@@ -374,7 +374,7 @@ class CMPStrategyCore(_StrategyBase):
             self._launcher = self._flavour.multiprocessing_launcher(self, start_method=self._start_method)
 
     def _check_world(self) -> None:
-        self.num_stages, _ = check_world(
+        self.num_stages = check_world(
             self.num_processes, self.num_nodes, self.num_stages, self.schedule, self.averaging
         )
 

@@ -16,26 +16,26 @@ def _loaded(code: str) -> dict:
     return json.loads(run_python("-c", code).stdout.strip().splitlines()[-1])
 
 
+def _heavy_after(imports: list[str], heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """Which of ``heavy`` a fresh interpreter has loaded after running the ``imports`` lines."""
+    found = f"print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))"
+    return list(_loaded("\n".join(["import json, sys", *imports, found])))
+
+
 def test_the_schedule_layer_and_the_partition_solver_import_without_torch_or_lightning() -> None:
-    code = (
-        "import json, sys\n"
-        "import lightning_cmp, lightning_cmp.schedule, lightning_cmp.partition, lightning_cmp.partition.solver\n"
-        "import lightning_cmp.partition.bipartition, lightning_cmp.errors\n"
-        "from lightning_cmp.schedule import SCHEDULES, simulate\n"
-        "from lightning_cmp.partition import bipartition_cuts, resolve_cuts\n"
-        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
-    )
-    assert _loaded(code) == []
+    imports = [
+        "import lightning_cmp, lightning_cmp.schedule, lightning_cmp.partition, lightning_cmp.partition.solver",
+        "import lightning_cmp.partition.bipartition, lightning_cmp.errors",
+        "from lightning_cmp.schedule import SCHEDULES, simulate",
+        "from lightning_cmp.partition import bipartition_cuts, resolve_cuts",
+    ]
+    assert _heavy_after(imports) == []
 
 
 def test_the_strategys_parts_in_glue_import_without_lightning() -> None:
     # what the strategy decides or computes without Lightning's classes (lightning_cmp/glue) loads no Lightning
-    code = (
-        "import json, sys\n"
-        "from lightning_cmp.glue import checkpoints, checks, collectives, module, optimizers, pipeline\n"
-        f"print(json.dumps(sorted(m for m in {HEAVY[1:]!r} if m in sys.modules)))"
-    )
-    assert _loaded(code) == []
+    imports = ["from lightning_cmp.glue import checkpoints, checks, collectives, module, optimizers, pipeline"]
+    assert _heavy_after(imports, heavy=("lightning", "pytorch_lightning")) == []
 
 
 def test_importing_checkpoint_io_before_lightning_still_registers_the_strategies() -> None:

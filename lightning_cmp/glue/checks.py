@@ -47,12 +47,12 @@ def check_arguments(
         )
 
 
-def check_world(devices: int, num_nodes: int, num_stages: int | None, schedule: str, averaging: str) -> tuple[int, int]:
-    """``(num_stages, pipelines)`` for ``devices x num_nodes`` workers (``num_stages=None``: one stage per worker).
+def check_world(devices: int, num_nodes: int, num_stages: int | None, schedule: str, averaging: str) -> int:
+    """``num_stages`` for ``devices x num_nodes`` workers (``None``: one stage per worker), checked against them.
 
     Examples:
-        >>> check_world(4, 1, 2, "cmp", "gradient")
-        (2, 2)
+        >>> check_world(4, 1, None, "cmp", "gradient"), check_world(4, 1, 2, "cmp", "gradient")
+        (4, 2)
         >>> check_world(3, 1, 2, "cmp", "gradient")
         Traceback (most recent call last):
         ...
@@ -92,7 +92,7 @@ def check_world(devices: int, num_nodes: int, num_stages: int | None, schedule: 
             f"data-parallel pipelines; asynchronous pipelines run as one pipeline only: use num_stages={world} "
             f"(or devices={stages}), or schedule='cmp'"
         )
-    return stages, pipelines
+    return stages
 
 
 def _partition_problem(partition: Partition) -> list[str]:
