@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_cmp.bench.ideal import compute_profile, ideal_step
 from lightning_cmp.bench.launch import run_workers
+from lightning_cmp.bench.machine import machine
 from lightning_cmp.bench.measure import summarize
 from lightning_cmp.bench.methods import METHODS, run_method
 from lightning_cmp.bench.models import build, make_batches
@@ -73,39 +73,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = args.methods or DEFAULT_METHODS
     args.trainer = [] if args.trainer is None else args.trainer or TRAINER_METHODS
     return args
-
-
-def machine() -> dict[str, Any]:
-    """The machine a figure is from: CPU model, cores, memory, versions, and the load just before."""
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo") if line.startswith("model name")), "")
-    memory = next((line.split()[1] for line in _read("/proc/meminfo") if line.startswith("MemTotal")), None)
-    return {
-        "platform": platform.platform(),
-        "processor": cpu or platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "memory_gib": round(int(memory) / 2**20, 1) if memory else None,
-        "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "lightning": _version("lightning"),
-        "threads_per_worker": 1,
-    }
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _read(path: str) -> list[str]:
-    try:
-        return Path(path).read_text().splitlines()
-    except OSError:
-        return []
 
 
 def method_cuts(name: str, chain: Chain, batch_size: int, costs: dict[int, list[tuple[float, float]]]) -> list[int]:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_cmp.bench.machine import machine
 from lightning_cmp.bench.time_to_accuracy import lacks_curves, plot_time_to_accuracy, time_to_accuracy_table
 
 __all__ = [
@@ -322,15 +323,6 @@ def accuracy_table(record: dict[str, Any]) -> str:
             f"| {row['label']} | {row['runs']} | {mean} | {spread} | {_points(row['gap'], signed=True)} | {rate} |"
         )
     return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    """Where the runs ran (the same facts as the throughput benchmarks record)."""
-    import os
-
-    # platform.platform() and .processor() run `uname -p` in a subprocess; os.uname() does not
-    system = os.uname()
-    return {"system": f"{system.sysname} {system.release}", "machine": system.machine, "cpus": os.cpu_count()}
 
 
 if __name__ == "__main__":

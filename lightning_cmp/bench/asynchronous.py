@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from lightning_cmp.bench.__main__ import machine, measure_method, step_model
+from lightning_cmp.bench.__main__ import measure_method, step_model
+from lightning_cmp.bench.machine import machine
 from lightning_cmp.bench.methods import METHODS
 from lightning_cmp.bench.models import build, make_batches
 from lightning_cmp.bench.project import StepModel, block_costs, predict

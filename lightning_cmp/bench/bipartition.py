@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         write(saved, args.out)
         print(measured_table(saved["measured"]))
         return
-    from lightning_cmp.bench.__main__ import machine
+    from lightning_cmp.bench.machine import machine
     from lightning_cmp.bench.report import write_json
 
     torch.set_num_threads(1)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lightning_cmp.bench.__main__ import machine
+from lightning_cmp.bench.machine import machine
 from lightning_cmp.bench.memory_report import markdown_table, target_check, target_lines, whole_state
 from lightning_cmp.bench.memory_run import RUNS, LargeModel, launch
 from lightning_cmp.bench.report import write_json

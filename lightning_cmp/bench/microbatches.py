@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from lightning_cmp.bench.__main__ import machine
 from lightning_cmp.bench.launch import run_workers
+from lightning_cmp.bench.machine import machine
 from lightning_cmp.bench.methods import run_method
 from lightning_cmp.bench.models import build, make_batches
 from lightning_cmp.bench.project import block_costs, exchange_seconds_per_byte, param_bytes

@@ -123,8 +123,9 @@ def _name(plot: PlotFn) -> str:
     return f"{module}:{plot.__qualname__}"
 
 
-def blocked(figure: Figure, root: Path, resolve: bool = False) -> str | None:
-    """Why ``figure`` cannot be drawn from the files under ``root``, or None; ``resolve`` also imports a `Lazy`."""
+def blocked(figure: Figure, root: Path, resolve: bool = False, record: dict[str, Any] | None = None) -> str | None:
+    """Why ``figure`` cannot be drawn from the files under ``root``, or None; ``resolve`` also imports a `Lazy`.
+    ``record``: its JSON, already read (else it is read here)."""
     if figure.plot is None:
         return "no plotting function"
     if resolve and isinstance(figure.plot, Lazy):
@@ -132,10 +133,11 @@ def blocked(figure: Figure, root: Path, resolve: bool = False) -> str | None:
             figure.plot.resolve()
         except (ImportError, AttributeError, ValueError) as err:
             return f"no plotting function: {figure.plot} ({err})"
-    source = root / figure.json
-    if not source.is_file():
+    if record is None:
+        record = _read(root / figure.json)
+    if record is None:
         return f"no {figure.json} yet: run the benchmark that writes it"
-    lacking = figure.needs(json.loads(source.read_text())) if figure.needs else None
+    lacking = figure.needs(record) if figure.needs else None
     return f"{figure.json} lacks what the figure needs: {lacking}" if lacking else None
 
 
@@ -147,18 +149,23 @@ def draw(figures: Sequence[Figure], root: Path, out: Path) -> dict[str, str]:
     matplotlib.use("Agg")
     outcome = {}
     for figure in figures:
-        why = blocked(figure, root)
-        if why is not None or figure.plot is None:
+        record = _read(root / figure.json)
+        why = blocked(figure, root, record=record)
+        if why is not None or figure.plot is None or record is None:
             outcome[figure.png] = f"skipped: {why}"
             continue
         target = out / figure.png
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            figure.plot(json.loads((root / figure.json).read_text()), target)
+            figure.plot(record, target)
             outcome[figure.png] = "wrote"
         except Exception as err:  # one broken figure does not stop the others; main exits 1
             outcome[figure.png] = f"failed: {type(err).__name__}: {err}"
     return outcome
+
+
+def _read(source: Path) -> dict[str, Any] | None:
+    return json.loads(source.read_text()) if source.is_file() else None
 
 
 _SHOWN = re.compile(r"\]\(((?:img|bench)/[\w./-]+\.png)\)")

@@ -35,8 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_cmp.bench.__main__ import machine
 from lightning_cmp.bench.launch import run_workers
+from lightning_cmp.bench.machine import machine
 from lightning_cmp.bench.methods import plain_step
 from lightning_cmp.bench.models import build, make_batches
 from lightning_cmp.bench.project import (

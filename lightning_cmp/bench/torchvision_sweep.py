@@ -454,7 +454,7 @@ def merge(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lightning_cmp.bench.__main__ import machine
+    from lightning_cmp.bench.machine import machine
 
     p = argparse.ArgumentParser(prog="python -m lightning_cmp.bench.torchvision_sweep", description=__doc__)
     p.add_argument("--models", nargs="+", default=None, help="default: every torchvision classification model")
