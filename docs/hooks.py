@@ -16,6 +16,7 @@ from typing import Any
 from lightning_cmp.bench.accuracy import accuracy_table
 from lightning_cmp.bench.asynchronous import tables_from_json as asynchronous_tables
 from lightning_cmp.bench.bipartition import tables_from_json as bipartition_tables
+from lightning_cmp.bench.latency import table as latency_table
 from lightning_cmp.bench.microbatches import tables_from_json
 from lightning_cmp.bench.report import fault_table
 from lightning_cmp.bench.scaleout import tables_from_json as scaleout_tables
@@ -36,6 +37,8 @@ _BENCH_OVERVIEW = re.compile(r"<!--\s*bench-overview\s+json=(\S+)\s*-->")
 _TIME_TO_ACCURACY = re.compile(r"<!--\s*time-to-accuracy\s+json=(\S+)\s*-->")
 # <!-- faults json=docs/bench/heartbeats.json,docs/bench/restarts.json -->
 _FAULTS = re.compile(r"<!--\s*faults\s+json=(\S+)\s*-->")
+# <!-- latency json=docs/bench/latency.json -->: one message each way between two workers, by how it is sent
+_LATENCY = re.compile(r"<!--\s*latency\s+json=(\S+)\s*-->")
 _TIMETABLE = re.compile(r"<!--\s*timetable\s+schedule=(\w+)\s+num_stages=(\d+)(?:\s+num_microbatches=(\d+))?\s*-->")
 _MAKESPANS = re.compile(r"<!--\s*makespans\s+num_stages=([\d,]+)\s*-->")
 # <!-- asynchronous json=docs/bench/async.json accuracy=docs/bench/accuracy_async.json -->
@@ -134,6 +137,7 @@ def on_page_markdown(markdown: str, page: Any = None, **kwargs: Any) -> str:
     markdown = _BENCH_OVERVIEW.sub(lambda m: bench_overview(m[1].split(",")), markdown)
     markdown = _TIME_TO_ACCURACY.sub(lambda m: _accuracy_tables(m[1]), markdown)
     markdown = _FAULTS.sub(lambda m: fault_table(m[1].split(",")), markdown)
+    markdown = _LATENCY.sub(lambda m: latency_table(json.loads(Path(m[1]).read_text())), markdown)
     markdown = _ASYNCHRONOUS.sub(lambda m: asynchronous_tables(m[1], m[2]), markdown)
     markdown = _VERSIONS.sub(lambda m: versions_block(int(m[1]), int(m[2]), m[3]), markdown)
     return with_outputs(markdown, name)
